@@ -1,0 +1,1 @@
+"""Console scripts: thin argparse fronts over the library (one module per command)."""

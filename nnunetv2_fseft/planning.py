@@ -1,0 +1,111 @@
+"""Plan presets and "prepare a target like the foundation", on top of nnU-Net's own planning API.
+
+Nothing here re-implements planning or preprocessing: nnU-Net plans, we adjust a few documented fields
+of its plans, and nnU-Net preprocesses.
+"""
+import json
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from .errors import FSEFTError
+
+
+def available_presets() -> dict:
+    folder = resources.files("nnunetv2_fseft_plans")
+    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".json")}
+
+
+def load_preset(name: str) -> dict:
+    presets = available_presets()
+    if name not in presets:
+        raise FSEFTError(f"unknown plan preset {name!r}; available presets: {', '.join(sorted(presets))}")
+    return json.loads(presets[name].read_text())
+
+
+def apply_preset(plans: dict, preset: dict) -> dict:
+    """Narrow the planned networks as the preset says (features, batch size); other fields stay nnU-Net's."""
+    for config in plans["configurations"].values():
+        if "architecture" not in config:  # inherits_from another configuration
+            continue
+        kwargs = config["architecture"]["arch_kwargs"]
+        if "features_per_stage" in preset:
+            base, cap = preset["features_per_stage"]["base"], preset["features_per_stage"]["max"]
+            kwargs["features_per_stage"] = [min(base * 2 ** i, cap) for i in range(kwargs["n_stages"])]
+        if "batch_size" in preset:
+            config["batch_size"] = preset["batch_size"]
+    return plans
+
+
+def _dataset_name(dataset) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        return maybe_convert_to_dataset_name(dataset)
+    except RuntimeError as e:
+        raise FSEFTError(f"dataset {dataset} not found in nnUNet_raw or nnUNet_preprocessed ({e}); "
+                         "check the id and the nnUNet_raw variable") from None
+
+
+def _require_free(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FSEFTError(f"{path} already exists; pass --overwrite to replace it")
+
+
+def plan_with_preset(dataset, preset_name: str, configurations=("3d_fullres",), num_processes: int = 2,
+                     overwrite: bool = False) -> str:
+    """Fingerprint, plan (nnU-Net's ExperimentPlanner), apply the preset, preprocess. Returns the plans name."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprints, plan_experiments,
+                                                                       preprocess)
+    from nnunetv2.paths import nnUNet_preprocessed
+    preset = load_preset(preset_name)
+    name = _dataset_name(dataset)
+    dataset_id = int(name[7:10])
+    plans_name = preset.get("plans_name", "nnUNetPlans")
+    plans_file = Path(nnUNet_preprocessed) / name / f"{plans_name}.json"
+    _require_free(plans_file, overwrite)
+    extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
+    plan_experiments([dataset_id], overwrite_plans_name=plans_name)
+    plans = apply_preset(json.loads(plans_file.read_text()), preset)
+    plans_file.write_text(json.dumps(plans, indent=2))
+    preprocess([dataset_id], plans_identifier=plans_name, configurations=list(configurations),
+               num_processes=[num_processes] * len(configurations))
+    return plans_name
+
+
+def prepare_target(target, model_folder, num_processes: int = 2, overwrite: bool = False) -> str:
+    """Preprocess TARGET with the plans in a foundation's model folder, so -pretrained_weights loads.
+
+    nnU-Net's four manual steps (fingerprint, move plans, copy dataset.json, preprocess) in one call."""
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, preprocess
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    model_folder = Path(model_folder)
+    for required in ("plans.json", "dataset.json"):
+        if not (model_folder / required).is_file():
+            raise FSEFTError(f"{model_folder} is not an nnU-Net model folder (no {required}); pass the folder "
+                             "that holds plans.json, dataset.json and fold_X/ (nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG)")
+    plans = json.loads((model_folder / "plans.json").read_text())
+    foundation_json = json.loads((model_folder / "dataset.json").read_text())
+    name = _dataset_name(target)
+    raw = Path(nnUNet_raw) / name
+    target_json = json.loads((raw / "dataset.json").read_text())
+    n_target, n_found = len(target_json["channel_names"]), len(foundation_json["channel_names"])
+    if n_target != n_found:
+        raise FSEFTError(f"{name} has {n_target} input channel(s) but the foundation expects {n_found} "
+                         f"({foundation_json['channel_names']}); the target must have the foundation's modalities")
+    plans_file = Path(nnUNet_preprocessed) / name / f"{plans['plans_name']}.json"
+    _require_free(plans_file, overwrite)
+    extract_fingerprints([int(name[7:10])], num_processes=num_processes, check_dataset_integrity=True)
+    example = next(iter(get_filenames_of_train_images_and_targets(str(raw), target_json).values()))["images"][0]
+    plans["dataset_name"] = name
+    plans["image_reader_writer"] = determine_reader_writer_from_dataset_json(
+        target_json, example, allow_nonmatching_filename=True, verbose=False).__name__
+    plans_file.write_text(json.dumps(plans, indent=2))
+    # nnUNetv2_preprocess reads dataset.json from the preprocessed folder, which only planning writes
+    shutil.copyfile(raw / "dataset.json", plans_file.parent / "dataset.json")
+    configurations = [c for c, v in plans["configurations"].items() if "architecture" in v or "inherits_from" in v]
+    configurations = [c for c in configurations if c == "3d_fullres"] or configurations[:1]
+    preprocess([int(name[7:10])], plans_identifier=plans["plans_name"], configurations=configurations,
+               num_processes=[num_processes] * len(configurations))
+    return plans["plans_name"]

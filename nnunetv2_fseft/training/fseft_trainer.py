@@ -1,0 +1,115 @@
+"""FSEFTTrainer: nnU-Net's trainer with a PEFT method plugged in. A method is chosen by class attributes,
+so each trainer in trainers/ is a declaration (method, learning rate), and a user's schedule override is a
+tiny subclass, as with nnU-Net's own variants."""
+import json
+import os
+from pathlib import Path
+
+import torch
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch._dynamo import OptimizedModule
+
+from ..checkpoints import atomic_write, load_foundation, save_adapter, sha256
+from ..errors import FSEFTError, fail
+from ..peft import apply_peft, count_parameters, get_method, resolved_options
+
+ADAPTER_FORMAT = "nnunetv2_fseft.adapter/1"
+
+
+class FSEFTTrainer(nnUNetTrainer):
+    peft_method = "full"
+    peft_options = {}
+    learning_rate = 1e-4
+    weight_decay_fseft = 1e-4
+    # short few-shot schedule: 20 x 50 = 1,000 iterations (see README, "Schedule")
+    epochs = 20
+    iterations_per_epoch = 50
+    val_iterations_per_epoch = 10
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.learning_rate
+        self.weight_decay = self.weight_decay_fseft
+        self.num_epochs = self.epochs
+        self.num_iterations_per_epoch = self.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+        self.save_every = max(1, self.epochs // 4)  # so --c has something recent to resume from
+        # deep supervision only where every head trains; black-box methods train the last head only
+        self.enable_deep_supervision = get_method(self.peft_method).deep_supervision
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True):
+        # a classmethod, so inference (which never instantiates the trainer) rebuilds the same adapted network
+        network = nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                           num_output_channels, enable_deep_supervision)
+        return apply_peft(network, cls.peft_method, cls.peft_options)
+
+    def plain_network(self) -> torch.nn.Module:
+        """The network without DDP / torch.compile wrappers."""
+        mod = self.network.module if self.is_ddp else self.network
+        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+
+    def initialize(self):
+        super().initialize()
+        trainable, total = count_parameters(self.plain_network())
+        self.print_to_log_file(f"FSEFT method '{self.peft_method}' {resolved_options(self.peft_method, self.peft_options)}: "
+                               f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        self._route_pretrained_weights()
+
+    def _route_pretrained_weights(self):
+        """nnU-Net's -pretrained_weights loader insists on identical keys and the saving device. For this run,
+        route it to the plugin's loader (adapted keys, CPU mapping, head mapping, one-line errors)."""
+        import nnunetv2.run.run_training as run_training
+        original = getattr(run_training.load_pretrained_weights, "original", run_training.load_pretrained_weights)
+        trainer = self
+
+        def load_pretrained_weights(network, fname, verbose=False):
+            if network is not trainer.network:
+                return original(network, fname, verbose)
+            trainer.load_foundation(fname)
+
+        load_pretrained_weights.original = original
+        run_training.load_pretrained_weights = load_pretrained_weights
+
+    def load_foundation(self, fname) -> None:
+        try:
+            lines = load_foundation(self.plain_network(), fname, self.dataset_json)
+        except FSEFTError as e:
+            raise fail(str(e)) from None
+        for line in lines:
+            self.print_to_log_file(line)
+        pointer = {"path": str(Path(fname).resolve()), "sha256": sha256(fname)}
+        atomic_write(self._foundation_file(), lambda tmp: Path(tmp).write_text(json.dumps(pointer, indent=2)))
+
+    def _foundation_file(self) -> Path:
+        return Path(self.output_folder) / "foundation.json"
+
+    def on_train_start(self):
+        super().on_train_start()
+        if not self._foundation_file().is_file() and self.peft_method != "full":
+            self.print_to_log_file(f"WARNING: no -pretrained_weights given: '{self.peft_method}' adapts a randomly "
+                                   "initialised network. Pass the foundation's checkpoint_final.pth.")
+
+    def configure_optimizers(self):
+        params = [p for p in self.network.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+    def adapter_config(self) -> dict:
+        foundation = json.loads(self._foundation_file().read_text()) if self._foundation_file().is_file() else None
+        axes = self.inference_allowed_mirroring_axes
+        return {"format": ADAPTER_FORMAT, "trainer_name": type(self).__name__, "method": self.peft_method,
+                "options": resolved_options(self.peft_method, self.peft_options),
+                "plans_name": self.plans_manager.plans_name, "configuration": self.configuration_name,
+                "fold": self.fold, "labels": self.dataset_json["labels"], "foundation": foundation,
+                "inference_allowed_mirroring_axes": list(axes) if axes is not None else None}
+
+    def save_checkpoint(self, filename: str) -> None:
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return super().save_checkpoint(filename)
+        atomic_write(filename, super().save_checkpoint)
+        if os.path.basename(filename) == "checkpoint_final.pth":
+            save_adapter(self.plain_network(), self.output_folder, self.adapter_config())

@@ -1,0 +1,235 @@
+"""MultiTalentTrainer: nnU-Net training on datasets that each annotate only some classes (MultiTalent-style).
+
+What changes against nnUNetTrainer, and nothing else:
+- one sigmoid output per foreground class: plain integer labels are rewritten into nnU-Net's region form before
+  the LabelManager is built, so nnU-Net's own region machinery makes targets, sigmoid inference, the label map
+  (regions_class_order) and per-class --save_probabilities;
+- the loss (BCE + soft Dice) only sees the classes each case's source dataset annotates (`fseft_cases` in
+  dataset.json), see nnunetv2_fseft/losses/partial_label.py;
+- cases are sampled ∝ 1/sqrt(cases of their source dataset) (MultiTalent v2);
+- the online pseudo-Dice only counts annotated classes;
+- initial_lr = 1e-3 (MultiTalent v2; same SGD + poly schedule as nnU-Net).
+"""
+import copy
+import importlib
+from unittest import mock
+
+import numpy as np
+import torch
+from torch import autocast
+
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+
+from nnunetv2_fseft.errors import FSEFTError, fail
+from nnunetv2_fseft.losses.partial_label import (PartialLabelDCBCELoss, annotation_mask,
+                                                  balanced_sampling_probabilities)
+from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
+
+# the module whose global name `nnUNetDataLoader` nnUNetTrainer.get_dataloaders calls
+_BASE_TRAINER_MODULE = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+
+
+# ---------------------------------------------------------------- dataset.json helpers (no torch, no trainer)
+
+def _is_background(value) -> bool:
+    values = value if isinstance(value, (list, tuple)) else [value]
+    return all(int(v) == 0 for v in values)
+
+
+def as_sigmoid_regions(dataset_json: dict) -> dict:
+    """dataset.json whose labels make nnU-Net train one sigmoid output per foreground class.
+
+    nnU-Net switches to sigmoid outputs ("regions") only if some label is a list of more than one value
+    (LabelManager.has_regions). A dataset with such a region is returned unchanged (single-value labels are then
+    already their own sigmoid channel). Otherwise each class k becomes the region [k, k] (exactly the voxels
+    labelled k) and regions_class_order lists the values in increasing order, so a voxel claimed by several
+    channels gets the highest label value in the predicted label map. Labels are written in value order, so output
+    channel i is foreground_label_names(...)[i]."""
+    out = copy.deepcopy(dataset_json)
+    labels = out["labels"]
+    if any(isinstance(v, (list, tuple)) and len(v) > 1 for k, v in labels.items() if k != "ignore"):
+        return out
+
+    def value(v):
+        return int(v[0]) if isinstance(v, (list, tuple)) else int(v)
+
+    classes = sorted(((value(v), k) for k, v in labels.items() if k != "ignore" and not _is_background(v)))
+    new_labels = {k: v for k, v in labels.items() if k != "ignore" and _is_background(v)}
+    new_labels.update({name: [v, v] for v, name in classes})
+    if "ignore" in labels:
+        new_labels["ignore"] = labels["ignore"]
+    out["labels"] = new_labels
+    out["regions_class_order"] = [v for v, _ in classes]
+    return out
+
+
+def output_channel_names(dataset_json: dict) -> list:
+    """Class name of each network output channel, in LabelManager's region order (dataset.json label order)."""
+    return [k for k, v in dataset_json["labels"].items() if k != "ignore" and not _is_background(v)]
+
+
+def check_channel_order(dataset_json: dict) -> list:
+    """The channel names; refuse a dataset.json whose channel order differs from foreground_label_names.
+
+    The FSEFT trainers map pretrained heads by class name via foreground_label_names (value order), while
+    nnU-Net orders region outputs as the labels are listed; both must agree."""
+    channels = output_channel_names(dataset_json)
+    expected = foreground_label_names(dataset_json)
+    if channels != expected:
+        raise FSEFTError(f"dataset.json lists its labels in the order {channels}, but by label value they are "
+                         f"{expected}; list the labels in increasing value order (and regions_class_order to match)")
+    return channels
+
+
+def annotated_channels_by_case(dataset_json: dict, channel_names: list) -> dict:
+    """{case_id: [output channel indices the case's dataset annotates]} from dataset.json's `fseft_cases`.
+
+    Cases not listed (or no `fseft_cases` at all) annotate every class."""
+    index = {normalize_class_name(n): i for i, n in enumerate(channel_names)}
+    result = {}
+    for case, info in dataset_json.get("fseft_cases", {}).items():
+        names = info.get("annotated")
+        if names is None:
+            continue
+        unknown = [n for n in names if normalize_class_name(n) not in index]
+        if unknown:
+            raise FSEFTError(f"fseft_cases[{case!r}] annotates {unknown}, which are not labels of dataset.json "
+                             f"({channel_names}); fix the assembled dataset.json")
+        if not names:
+            raise FSEFTError(f"fseft_cases[{case!r}] annotates no class; drop the case or list its classes")
+        result[str(case)] = sorted({index[normalize_class_name(n)] for n in names})
+    return result
+
+
+def source_dataset_by_case(dataset_json: dict) -> dict:
+    """{case_id: source dataset name} from `fseft_cases` (cases not listed share one unnamed source)."""
+    return {str(c): str(info.get("dataset", "")) for c, info in dataset_json.get("fseft_cases", {}).items()}
+
+
+# ---------------------------------------------------------------- the trainer
+
+class MultiTalentTrainer(nnUNetTrainer):
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        # before super().__init__: the LabelManager, init_args (checkpoint) and the dataset.json copied to the
+        # results folder must all see the sigmoid-region form
+        dataset_json = as_sigmoid_regions(dataset_json)
+        try:
+            channel_names = check_channel_order(dataset_json)
+            annotated_by_case = annotated_channels_by_case(dataset_json, channel_names)
+        except FSEFTError as e:
+            raise fail(str(e)) from None
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-3  # MultiTalent v2 (MultiTalent_trainer.py); SGD momentum 0.99 nesterov, poly, as nnU-Net
+        self.channel_names = channel_names
+        self.annotated_by_case = annotated_by_case
+        self.source_of_case = source_dataset_by_case(dataset_json)
+
+    def _annotated(self, keys) -> torch.Tensor:
+        """(B, C) bool mask of the classes annotated by each case of the batch (nnU-Net puts case ids in 'keys')."""
+        return annotation_mask(keys, self.annotated_by_case, len(self.channel_names)).to(self.device)
+
+    def _build_loss(self):
+        # keep nnU-Net's deep-supervision weights (incl. its DDP tweak); swap the loss inside
+        loss = super()._build_loss()
+        partial = PartialLabelDCBCELoss(batch_dice=self.configuration_manager.batch_dice, smooth=1e-5,
+                                        use_ignore_label=self.label_manager.has_ignore_label, ddp=self.is_ddp)
+        if isinstance(loss, DeepSupervisionWrapper):
+            loss.loss = partial
+            return loss
+        return partial
+
+    def _compute_loss(self, output, target, annotated):
+        if isinstance(self.loss, DeepSupervisionWrapper):
+            return self.loss(output, target, [annotated] * len(output))
+        return self.loss(output, target, annotated)
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders, with the training and validation cases drawn ∝ 1/sqrt(n of their source dataset).
+
+        nnU-Net 2.8.1 passes sampling_probabilities=None to nnUNetDataLoader without a hook; we hand its
+        get_dataloaders a loader factory that fills them in, rather than copying the whole method."""
+        def loader_with_balanced_sampling(data, *args, **kwargs):
+            kwargs["sampling_probabilities"] = balanced_sampling_probabilities(data.identifiers, self.source_of_case)
+            return nnUNetDataLoader(data, *args, **kwargs)
+
+        with mock.patch.object(_BASE_TRAINER_MODULE, "nnUNetDataLoader", loader_with_balanced_sampling):
+            return super().get_dataloaders()
+
+    def train_step(self, batch: dict) -> dict:
+        # nnUNetTrainer.train_step (2.8.1) with the annotation mask passed to the loss
+        data = batch['data'].to(self.device, non_blocking=True)
+        target = batch['target']
+        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        annotated = self._annotated(batch['keys'])
+
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+            output = self.network(data)
+            l = self._compute_loss(output, target, annotated)
+
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(l).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            l.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {'loss': l.detach().cpu().numpy()}
+
+    def validation_step(self, batch: dict) -> dict:
+        # nnUNetTrainer.validation_step (2.8.1, region branch) with tp/fp/fn kept per sample and zeroed for the
+        # classes a sample does not annotate, before summing over the batch
+        data = batch['data'].to(self.device, non_blocking=True)
+        target = batch['target']
+        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        annotated = self._annotated(batch['keys'])
+
+        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
+            output = self.network(data)
+            del data
+            l = self._compute_loss(output, target, annotated)
+
+        if self.enable_deep_supervision:
+            output, target = output[0], target[0]
+        predicted = (torch.sigmoid(output) > 0.5).long()
+        if self.label_manager.has_ignore_label:
+            mask = ~target[:, -1:] if target.dtype == torch.bool else 1 - target[:, -1:]
+            target = target[:, :-1]
+        else:
+            mask = None
+        spatial_axes = list(range(2, output.ndim))
+        tp, fp, fn, _ = get_tp_fp_fn_tn(predicted, target, axes=spatial_axes, mask=mask)  # (B, C)
+        a = annotated.float()
+        return {'loss': l.detach().cpu().numpy(),
+                'tp_hard': (tp * a).sum(0).detach().cpu().numpy(),
+                'fp_hard': (fp * a).sum(0).detach().cpu().numpy(),
+                'fn_hard': (fn * a).sum(0).detach().cpu().numpy()}
+
+    def on_validation_epoch_end(self, val_outputs):
+        # a class no validation sample annotates has tp = fp = fn = 0: its Dice is 0/0 = nan, which nnU-Net's
+        # nanmean (mean_fg_dice, hence the EMA and checkpoint_best) already skips; only the warning is silenced
+        with np.errstate(invalid='ignore', divide='ignore'):
+            super().on_validation_epoch_end(val_outputs)
+
+
+class MultiTalentTrainer_tiny(MultiTalentTrainer):
+    """Minutes on a CPU, for tests and the demo: a few short epochs at nnU-Net's learning rate (1e-2), so that
+    phantom organs already appear; not a schedule to pre-train a real foundation model with."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 4
+        self.num_iterations_per_epoch = 10
+        self.num_val_iterations_per_epoch = 2
+        self.initial_lr = 1e-2
