@@ -3,7 +3,9 @@
 Nothing here re-implements planning or preprocessing: nnU-Net plans, we adjust a few documented fields
 of its plans, and nnU-Net preprocesses.
 """
+import contextlib
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -51,6 +53,19 @@ def _require_free(path: Path, overwrite: bool) -> None:
         raise FSEFTError(f"{path} already exists; pass --overwrite to replace it")
 
 
+@contextlib.contextmanager
+def _planner_threads():
+    """nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for the CPU-friendly 0."""
+    value = os.environ.get("nnUNet_n_proc_DA")
+    if value is not None and value.strip() == "0":
+        os.environ["nnUNet_n_proc_DA"] = "1"
+    try:
+        yield
+    finally:
+        if value is not None:
+            os.environ["nnUNet_n_proc_DA"] = value
+
+
 def plan_with_preset(dataset, preset_name: str, configurations=("3d_fullres",), num_processes: int = 2,
                      overwrite: bool = False) -> str:
     """Fingerprint, plan (nnU-Net's ExperimentPlanner), apply the preset, preprocess. Returns the plans name."""
@@ -64,7 +79,8 @@ def plan_with_preset(dataset, preset_name: str, configurations=("3d_fullres",), 
     plans_file = Path(nnUNet_preprocessed) / name / f"{plans_name}.json"
     _require_free(plans_file, overwrite)
     extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
-    plan_experiments([dataset_id], overwrite_plans_name=plans_name)
+    with _planner_threads():
+        plan_experiments([dataset_id], overwrite_plans_name=plans_name)
     plans = apply_preset(json.loads(plans_file.read_text()), preset)
     plans_file.write_text(json.dumps(plans, indent=2))
     preprocess([dataset_id], plans_identifier=plans_name, configurations=list(configurations),

@@ -10,8 +10,8 @@ voxel mask (nnU-Net's ignore label), sums over voxels v:
 
     BCE  = sum_{b,c} A[b,c] * sum_v m[b,v] * bce(x[b,c,v], y[b,c,v])  /  sum_{b,c} A[b,c] * sum_v m[b,v]
 
-    batch Dice (nnU-Net's default for 3d_fullres), per class c, with the sums over samples taken only
-    where A[b,c] = 1 and gathered over all DDP ranks:
+    batch Dice (the configuration's batch_dice in nnU-Net's plans), per class c, with the sums over samples
+    taken only where A[b,c] = 1 and gathered over all DDP ranks:
         I_c = sum_b A[b,c] sum_v p y m,  P_c = sum_b A[b,c] sum_v p m,  G_c = sum_b A[b,c] sum_v y m
         dc_c = (2 I_c + smooth) / max(P_c + G_c + smooth, 1e-8)
         Dice = - sum_c a_c dc_c / sum_c a_c,   a_c = 1 if any sample of the global batch annotates c
@@ -125,18 +125,3 @@ def annotation_mask(case_ids, annotated_by_case: dict, num_classes: int) -> torc
         rows.append(row)
     return torch.stack(rows)
 
-
-def balanced_sampling_probabilities(case_ids, source_of_case: dict):
-    """Per-case sampling probabilities ∝ 1/sqrt(cases of its source dataset among case_ids), normalised.
-
-    MultiTalent v2 (get_dataloaders of MultiTalent_trainer.py): a dataset's share of the batches then grows with
-    sqrt(n) instead of n, so small datasets are not drowned by big ones. Returns None (nnU-Net's uniform sampling)
-    when all cases come from one source. A case missing from source_of_case counts as its own unnamed source ''.
-    """
-    sources = [source_of_case.get(str(c), "") for c in case_ids]
-    counts = {s: sources.count(s) for s in set(sources)}
-    if len(counts) < 2:
-        return None
-    weights = [1.0 / counts[s] ** 0.5 for s in sources]
-    total = sum(weights)
-    return [w / total for w in weights]

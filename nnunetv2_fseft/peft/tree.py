@@ -59,9 +59,10 @@ def scope_modules(network: nn.Module, scope: str) -> list:
 
 def conv_layers(network: nn.Module, scope: str, transposed: bool) -> list:
     """Convolutions in `scope` that forward really runs, excluding the segmentation heads (trained in full)."""
-    head_ids = {id(m) for h in head_modules(network) for m in h.modules()}
+    skip = {id(m) for h in head_modules(network) for m in h.modules()}
+    skip |= {id(m) for w in injected_modules(network) for m in w.modules()}  # never wrap a wrapper's layers
     types = CONV_TYPES + (TRANSPOSED_CONV_TYPES if transposed else ())
-    return [m for m in scope_modules(network, scope) if type(m) in types and id(m) not in head_ids]
+    return [m for m in scope_modules(network, scope) if type(m) in types and id(m) not in skip]
 
 
 def injected_modules(network: nn.Module) -> list:

@@ -7,11 +7,15 @@ What changes against nnUNetTrainer, and nothing else:
 - the loss (BCE + soft Dice) only sees the classes each case's source dataset annotates (`fseft_cases` in
   dataset.json), see nnunetv2_fseft/losses/partial_label.py;
 - cases are sampled ∝ 1/sqrt(cases of their source dataset) (MultiTalent v2);
-- the online pseudo-Dice only counts annotated classes;
+- the online pseudo-Dice only counts annotated classes, and the final validation also writes
+  validation/summary_annotated.json (Dice over annotated classes only);
 - initial_lr = 1e-3 (MultiTalent v2; same SGD + poly schedule as nnU-Net).
 """
 import copy
 import importlib
+import json
+import os
+from collections import Counter
 from unittest import mock
 
 import numpy as np
@@ -25,8 +29,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_fseft.errors import FSEFTError, fail
-from nnunetv2_fseft.losses.partial_label import (PartialLabelDCBCELoss, annotation_mask,
-                                                  balanced_sampling_probabilities)
+from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
 
 # the module whose global name `nnUNetDataLoader` nnUNetTrainer.get_dataloaders calls
@@ -108,6 +111,41 @@ def annotated_channels_by_case(dataset_json: dict, channel_names: list) -> dict:
 def source_dataset_by_case(dataset_json: dict) -> dict:
     """{case_id: source dataset name} from `fseft_cases` (cases not listed share one unnamed source)."""
     return {str(c): str(info.get("dataset", "")) for c, info in dataset_json.get("fseft_cases", {}).items()}
+
+
+def balanced_sampling_probabilities(case_ids, source_of_case: dict):
+    """Per-case sampling probabilities ∝ 1/sqrt(cases of its source dataset among case_ids), normalised.
+
+    MultiTalent v2 (get_dataloaders of MultiTalent_trainer.py): a dataset's share of the batches then grows with
+    sqrt(n) instead of n, so small datasets are not drowned by big ones. Returns None (nnU-Net's uniform sampling)
+    when all cases come from one source. Cases missing from source_of_case share one unnamed source ''.
+    """
+    sources = [source_of_case.get(str(c), "") for c in case_ids]
+    counts = Counter(sources)
+    if len(counts) < 2:
+        return None
+    weights = [1.0 / counts[s] ** 0.5 for s in sources]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def annotated_only_summary(summary: dict, channel_keys: list, channel_names: list, annotated_by_case: dict,
+                           file_ending: str) -> dict:
+    """Mean Dice per class over the validation cases that annotate it, from nnU-Net's summary.json.
+
+    nnU-Net's final validation scores every class on every case, so a class a case's dataset does not annotate
+    counts as "absent" there and a correct prediction of it as a false positive. channel_keys are summary.json's
+    keys of the channels (str of each region)."""
+    per_class = {name: [] for name in channel_names}
+    for entry in summary["metric_per_case"]:
+        case = os.path.basename(entry["reference_file"])[:-len(file_ending)]
+        for c in annotated_by_case.get(case, range(len(channel_names))):
+            dice = entry["metrics"][channel_keys[c]]["Dice"]
+            if dice is not None and not np.isnan(dice):  # nan: class absent and not predicted
+                per_class[channel_names[c]].append(dice)
+    classes = {name: {"Dice": float(np.mean(v)) if v else None, "n_cases": len(v)} for name, v in per_class.items()}
+    scored = [c["Dice"] for c in classes.values() if c["Dice"] is not None]
+    return {"classes": classes, "foreground_mean_Dice": float(np.mean(scored)) if scored else None}
 
 
 # ---------------------------------------------------------------- the trainer
@@ -214,6 +252,22 @@ class MultiTalentTrainer(nnUNetTrainer):
                 'tp_hard': (tp * a).sum(0).detach().cpu().numpy(),
                 'fp_hard': (fp * a).sum(0).detach().cpu().numpy(),
                 'fn_hard': (fn * a).sum(0).detach().cpu().numpy()}
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        """nnU-Net's final validation, plus validation/summary_annotated.json counting only annotated classes."""
+        super().perform_actual_validation(save_probabilities)
+        summary_file = os.path.join(self.output_folder, "validation", "summary.json")
+        if self.local_rank != 0 or not self.annotated_by_case or not os.path.isfile(summary_file):
+            return
+        with open(summary_file) as f:
+            summary = json.load(f)
+        keys = [str(r) for r in self.label_manager.foreground_regions]
+        result = annotated_only_summary(summary, keys, self.channel_names, self.annotated_by_case,
+                                        self.dataset_json["file_ending"])
+        with open(os.path.join(self.output_folder, "validation", "summary_annotated.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        self.print_to_log_file("Mean Validation Dice over annotated classes only: ", result["foreground_mean_Dice"],
+                               also_print_to_console=True)
 
     def on_validation_epoch_end(self, val_outputs):
         # a class no validation sample annotates has tp = fp = fn = 0: its Dice is 0/0 = nan, which nnU-Net's

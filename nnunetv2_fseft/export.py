@@ -1,0 +1,139 @@
+"""Export an adapted model: merged into a stock nnU-Net model folder, or as adapter files only.
+
+A merged export predicts with stock nnU-Net (trainer_name 'nnUNetTrainer', no plugin needed). An adapter
+export holds the trained tensors + a pointer to the foundation; `apply_adapter` rebuilds the model folder.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoints import atomic_write, load_adapter_tensors, load_foundation, read_adapter, save_adapter, sha256
+from .errors import FSEFTError
+from .networks import build_adapted_network
+from .peft import METHODS, is_mergeable, merge_peft
+
+MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
+STOCK_TRAINER = "nnUNetTrainer"
+
+
+def _model_json(folder: Path, name: str) -> dict:
+    path = folder / name
+    if not path.is_file():
+        raise FSEFTError(f"{folder} is not an nnU-Net model folder (no {name}); pass "
+                         "nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG")
+    return json.loads(path.read_text())
+
+
+def _folds(folder: Path, required: str) -> list:
+    folds = sorted(p for p in folder.glob("fold_*") if (p / required).is_file())
+    if not folds:
+        raise FSEFTError(f"{folder} has no fold_X/{required}; train first (nnUNetv2_train ... -tr FSEFT...Trainer)")
+    return folds
+
+
+class _OutputFolder:
+    """Build the output in a hidden sibling folder and move it into place only when complete."""
+
+    def __init__(self, out, overwrite: bool):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise FSEFTError(f"output folder {self.out} exists; pass --overwrite to replace it")
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+
+    def __enter__(self) -> Path:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        self.tmp.rename(self.out)
+        return False
+
+
+def _copy_model_files(src: Path, dst: Path) -> None:
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def _rebuild(plans: dict, dataset_json: dict, config: dict, source) -> torch.nn.Module:
+    if config.get("method") not in METHODS:
+        raise FSEFTError(f"{source}: adapter.json names unknown method {config.get('method')!r}; "
+                         f"known: {', '.join(METHODS)}")
+    return build_adapted_network(plans, config["configuration"], dataset_json, config["method"], config["options"])
+
+
+def _save_model(network, checkpoint: dict, path: Path) -> None:
+    checkpoint = dict(checkpoint, network_weights=network.state_dict(), optimizer_state=None, grad_scaler_state=None)
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def _merge_or_explain(network, config: dict) -> None:
+    if not is_mergeable(network):
+        raise FSEFTError(f"method '{config['method']}' cannot be merged into plain convolutions (its adapters are "
+                         f"nonlinear); export without --merge and predict with -tr {config['trainer_name']}")
+    merge_peft(network)
+
+
+def export_model(model_folder, out_folder, merge: bool, overwrite: bool = False) -> Path:
+    """Merged stock model folder (merge=True) or adapter-only folder (merge=False) from a trained one."""
+    model_folder = Path(model_folder)
+    plans, dataset_json = _model_json(model_folder, "plans.json"), _model_json(model_folder, "dataset.json")
+    folds = _folds(model_folder, "adapter.json")
+    with _OutputFolder(out_folder, overwrite) as out:
+        _copy_model_files(model_folder, out)
+        for fold in folds:
+            (out / fold.name).mkdir()
+            if not merge:
+                for name in ("adapter.json", "adapter.safetensors"):
+                    shutil.copyfile(fold / name, out / fold.name / name)
+                continue
+            config = json.loads((fold / "adapter.json").read_text())
+            checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+            network = _rebuild(plans, dataset_json, config, fold)
+            network.load_state_dict(checkpoint["network_weights"])
+            _merge_or_explain(network, config)
+            _save_model(network, dict(checkpoint, trainer_name=STOCK_TRAINER), out / fold.name / "checkpoint_final.pth")
+    return Path(out_folder)
+
+
+def apply_adapter(adapter_folder, foundation_checkpoint, out_folder, merge: bool = False, overwrite: bool = False) -> Path:
+    """Foundation checkpoint + adapter files -> a full model folder that nnUNetv2_predict uses."""
+    adapter_folder = Path(adapter_folder)
+    plans, dataset_json = _model_json(adapter_folder, "plans.json"), _model_json(adapter_folder, "dataset.json")
+    folds = _folds(adapter_folder, "adapter.json")
+    digest = sha256(foundation_checkpoint) if Path(foundation_checkpoint).is_file() else None
+    with _OutputFolder(out_folder, overwrite) as out:
+        _copy_model_files(adapter_folder, out)
+        for fold in folds:
+            config, tensors = read_adapter(fold)
+            trained_on = (config.get("foundation") or {}).get("sha256")
+            if trained_on and digest and trained_on != digest:
+                raise FSEFTError(f"{fold}: this adapter was trained on another foundation (sha256 {trained_on[:12]}…, "
+                                 f"given {digest[:12]}…); pass the checkpoint named in adapter.json: "
+                                 f"{config['foundation'].get('path')}")
+            network = _rebuild(plans, dataset_json, config, fold)
+            load_foundation(network, foundation_checkpoint, dataset_json)
+            load_adapter_tensors(network, tensors, fold)
+            trainer_name = config["trainer_name"]
+            if merge:
+                _merge_or_explain(network, config)
+                trainer_name = STOCK_TRAINER
+            axes = config.get("inference_allowed_mirroring_axes")
+            checkpoint = {"logging": None, "_best_ema": None, "current_epoch": 0, "trainer_name": trainer_name,
+                          "init_args": {"plans": plans, "configuration": config["configuration"],
+                                        "fold": config.get("fold", 0), "dataset_json": dataset_json,
+                                        "device": torch.device("cpu")},
+                          "inference_allowed_mirroring_axes": tuple(axes) if axes is not None else None}
+            (out / fold.name).mkdir()
+            _save_model(network, checkpoint, out / fold.name / "checkpoint_final.pth")
+            if not merge:
+                save_adapter(network, out / fold.name, config)
+    return Path(out_folder)

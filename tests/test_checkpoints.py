@@ -1,0 +1,79 @@
+"""Foundation loading: architecture check, CUDA->CPU mapping, head mapping by class name."""
+import pytest
+import torch
+
+from nnunetv2_fseft.checkpoints import load_foundation, map_heads
+from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.peft import apply_peft
+
+from networks import tiny_unet
+
+FOUND_SOFTMAX = {"labels": {"background": 0, "Liver": 1, "spleen": 2}}
+FOUND_SIGMOID = {"labels": {"background": 0, "liver": [1], "Left-Kidney": [2]}, "regions_class_order": [1, 2]}
+
+
+def _save(path, net, dataset_json):
+    torch.save({"network_weights": net.state_dict(), "init_args": {"dataset_json": dataset_json}}, path)
+
+
+def test_softmax_head_channels_follow_class_names(tmp_path):
+    foundation = tiny_unet(num_classes=3)
+    _save(tmp_path / "f.pth", foundation, FOUND_SOFTMAX)
+    target = apply_peft(tiny_unet(num_classes=3), "lora")
+    lines = load_foundation(target, tmp_path / "f.pth", {"labels": {"background": 0, "spleen": 1, "pancreas": 2}})
+    f, t = foundation.decoder.seg_layers[-1], target.decoder.seg_layers[-1]
+    assert torch.equal(t.weight[1], f.weight[2]) and torch.equal(t.weight[0], f.weight[0])
+    assert not torch.equal(t.weight[2], f.weight[1])
+    assert any("pancreas" in line for line in lines)
+
+
+def test_sigmoid_foundation_to_binary_softmax_target_is_exact(tmp_path):
+    foundation = tiny_unet(num_classes=2, deep_supervision=False).eval()
+    _save(tmp_path / "f.pth", foundation, FOUND_SIGMOID)
+    target = apply_peft(tiny_unet(num_classes=2, deep_supervision=False), "linear_probe").eval()
+    load_foundation(target, tmp_path / "f.pth", {"labels": {"background": 0, "left kidney": 1}})
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        kidney_sigmoid = torch.sigmoid(foundation(x)[:, 1])
+        kidney_softmax = torch.softmax(target(x), 1)[:, 1]
+    assert torch.allclose(kidney_sigmoid, kidney_softmax, atol=1e-6)
+
+
+def test_architecture_mismatch_names_the_first_key_and_the_fix(tmp_path):
+    _save(tmp_path / "f.pth", tiny_unet(), FOUND_SOFTMAX)
+    wider = tiny_unet()
+    wider.encoder.stages[1][0].convs[0].conv = torch.nn.Conv3d(4, 9, 3)  # not what the plans would build
+    wider.encoder.stages[1][0].convs[0].all_modules[0] = wider.encoder.stages[1][0].convs[0].conv
+    with pytest.raises(FSEFTError, match=r"encoder\.stages\.1\.0\.convs\.0\.conv\.weight.*nnUNetv2_fseft_prepare_target"):
+        load_foundation(wider, tmp_path / "f.pth", FOUND_SOFTMAX)
+
+
+def test_missing_and_foreign_files_are_clear_errors(tmp_path):
+    with pytest.raises(FSEFTError, match="does not exist"):
+        load_foundation(tiny_unet(), tmp_path / "nope.pth", FOUND_SOFTMAX)
+    torch.save({"state_dict": {}}, tmp_path / "other.pth")
+    with pytest.raises(FSEFTError, match="not an nnU-Net checkpoint"):
+        load_foundation(tiny_unet(), tmp_path / "other.pth", FOUND_SOFTMAX)
+
+
+def test_cuda_saved_checkpoint_loads_on_a_cpu_only_machine(tmp_path):
+    """Tag every storage 'cuda:0' while saving (what a GPU run writes); loading must still work on CPU."""
+    from torch import serialization
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA to show the failure mode")
+    net = tiny_unet()
+    entry = (0, lambda obj: "cuda:0", lambda obj, location: None)
+    serialization._package_registry.insert(0, entry)
+    try:
+        _save(tmp_path / "gpu.pth", net, FOUND_SOFTMAX)
+    finally:
+        serialization._package_registry.remove(entry)
+    with pytest.raises(RuntimeError):
+        torch.load(tmp_path / "gpu.pth", weights_only=False)  # what nnU-Net's own loader does
+    target = apply_peft(tiny_unet(), "bitfit")
+    load_foundation(target, tmp_path / "gpu.pth", FOUND_SOFTMAX)
+    assert torch.equal(target.encoder.stages[0][0].convs[0].conv.weight, net.encoder.stages[0][0].convs[0].conv.weight)
+
+
+def test_unknown_layouts_start_fresh():
+    assert "fresh" in map_heads({}, {}, FOUND_SOFTMAX, None)[0]

@@ -1,0 +1,180 @@
+"""Issue 2 end to end on tiny phantoms: stock pre-training -> every FSEFT trainer with -pretrained_weights ->
+prediction -> merged / adapter export -> stock prediction gives the same labels."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from nnunetv2_fseft.checkpoints import read_adapter
+from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.export import apply_adapter, export_model
+from nnunetv2_fseft.peft import METHODS
+from nnunetv2_fseft.planning import plan_with_preset, prepare_target
+from nnunetv2_fseft.synthetic import write_phantom_dataset
+
+FSEFT = ["FSEFTFullFTTrainer", "FSEFTFTLastTrainer", "FSEFTDecoderTrainer", "FSEFTLinearProbeTrainer",
+         "FSEFTSpatialAdapterTrainer", "FSEFTBitFitTrainer", "FSEFTAffineNormTrainer", "FSEFTCNNAdapterTrainer",
+         "FSEFTAdaptFormerTrainer", "FSEFTLoRATrainer", "FSEFTDecoderLoRATrainer", "FSEFTDecoderBitFitTrainer",
+         "FSEFTDecoderAdaptFormerTrainer", "FSEFTDecoderAffineNormTrainer"]
+UNMERGEABLE = {"FSEFTSpatialAdapterTrainer", "FSEFTAdaptFormerTrainer", "FSEFTDecoderAdaptFormerTrainer"}
+CPU = torch.device("cpu")
+BIN = Path(sys.executable).parent
+
+
+def _model_folder(root, dataset, trainer):
+    return Path(root) / "res" / dataset / f"{trainer}__nnUNetPlans__3d_fullres"
+
+
+@pytest.fixture(scope="module")
+def world(nnunet_env):
+    from nnunetv2.run.run_training import run_training
+    raw = nnunet_env / "raw"
+    write_phantom_dataset(raw, 901, "Found", ["liver", "spleen"], 6, shape=(24, 24, 24), seed=0)
+    write_phantom_dataset(raw, 902, "Target", ["spleen", "pancreas"], 6, shape=(24, 24, 24), seed=1,
+                          intensity_shift=20)
+    plan_with_preset(901, "tiny", num_processes=1)
+    run_training("901", "3d_fullres", 0, "nnUNetTrainer_fseft_pretrain", device=CPU)
+    foundation = _model_folder(nnunet_env, "Dataset901_Found", "nnUNetTrainer_fseft_pretrain")
+    prepare_target(902, foundation, num_processes=1)
+    for trainer in FSEFT:
+        run_training("902", "3d_fullres", 0, f"{trainer}_testnoval", device=CPU,
+                     pretrained_weights=str(foundation / "fold_0" / "checkpoint_final.pth"))
+    images = nnunet_env / "images"
+    images.mkdir()
+    for case in ("target_000", "target_001"):
+        shutil.copy(raw / "Dataset902_Target" / "imagesTr" / f"{case}_0000.nii.gz", images)
+    return {"root": nnunet_env, "foundation": foundation, "images": images}
+
+
+def _predict(model_folder, out):
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    predictor = nnUNetPredictor(use_mirroring=False, device=CPU, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), (0,))
+    predictor.predict_from_files_sequential(str(model_folder.parent / "_in"), str(out))
+    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(Path(out).glob("*.nii.gz"))}
+
+
+def _labels(world, model_folder, name):
+    inputs = model_folder.parent / "_in"
+    if not inputs.exists():
+        shutil.copytree(world["images"], inputs)
+    return _predict(model_folder, world["root"] / "pred" / name)
+
+
+@pytest.mark.parametrize("trainer", FSEFT)
+def test_trainer_writes_checkpoint_and_adapter_and_keeps_frozen_weights(world, trainer):
+    fold = _model_folder(world["root"], "Dataset902_Target", f"{trainer}_testnoval") / "fold_0"
+    config, tensors = read_adapter(fold)
+    assert config["trainer_name"] == f"{trainer}_testnoval" and config["method"] in METHODS
+    assert config["foundation"]["sha256"]
+    checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    weights = checkpoint["network_weights"]
+    assert set(tensors) <= set(weights) and all(torch.equal(tensors[k], weights[k]) for k in tensors)
+    foundation = torch.load(world["foundation"] / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                            weights_only=False)["network_weights"]
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    adapted_key = key if key in weights else key.replace(".conv.weight", ".conv.base_layer.weight")
+    encoder_trains = config["method"] == "full"
+    assert torch.equal(weights[adapted_key], foundation[key]) != encoder_trains
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "head: target 'spleen' <- foundation channel 2 ('spleen')" in log
+    assert "new classes start fresh: pancreas" in log
+
+
+@pytest.mark.parametrize("trainer", FSEFT)
+def test_merged_export_predicts_the_same_labels_with_stock_nnunet(world, trainer):
+    model = _model_folder(world["root"], "Dataset902_Target", f"{trainer}_testnoval")
+    out = world["root"] / "exports" / f"{trainer}_merged"
+    if trainer in UNMERGEABLE:
+        with pytest.raises(FSEFTError, match="cannot be merged"):
+            export_model(model, out, merge=True)
+        assert not out.exists()
+        return
+    export_model(model, out, merge=True)
+    merged = torch.load(out / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert merged["trainer_name"] == "nnUNetTrainer"
+    adapted = _labels(world, model, f"{trainer}_adapted")
+    stock = _labels(world, out, f"{trainer}_stock")
+    assert adapted.keys() == stock.keys() and all(np.array_equal(adapted[k], stock[k]) for k in adapted)
+
+
+@pytest.mark.parametrize("trainer", ["FSEFTLoRATrainer", "FSEFTSpatialAdapterTrainer"])
+def test_adapter_export_is_small_and_apply_rebuilds_the_model(world, trainer):
+    model = _model_folder(world["root"], "Dataset902_Target", f"{trainer}_testnoval")
+    adapter = world["root"] / "exports" / f"{trainer}_adapter"
+    export_model(model, adapter, merge=False)
+    assert not list(adapter.rglob("*.pth"))
+    size = (adapter / "fold_0" / "adapter.safetensors").stat().st_size
+    assert size < (model / "fold_0" / "checkpoint_final.pth").stat().st_size
+    rebuilt = world["root"] / "exports" / f"{trainer}_rebuilt"
+    apply_adapter(adapter, world["foundation"] / "fold_0" / "checkpoint_final.pth", rebuilt)
+    original = _labels(world, model, f"{trainer}_orig")
+    again = _labels(world, rebuilt, f"{trainer}_rebuilt")
+    assert all(np.array_equal(original[k], again[k]) for k in original)
+    with pytest.raises(FSEFTError, match="exists"):
+        export_model(model, adapter, merge=False)
+
+
+def test_adapter_refuses_another_foundation(world, tmp_path):
+    adapter = world["root"] / "exports" / "lora_adapter_other"
+    export_model(_model_folder(world["root"], "Dataset902_Target", "FSEFTLoRATrainer_testnoval"), adapter, merge=False)
+    other = tmp_path / "other.pth"
+    checkpoint = torch.load(world["foundation"] / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    checkpoint["current_epoch"] = 99  # same weights, different file
+    torch.save(checkpoint, other)
+    with pytest.raises(FSEFTError, match="another foundation"):
+        apply_adapter(adapter, other, tmp_path / "out")
+
+
+def test_resume_with_c_loads_the_adapted_checkpoint(world):
+    from nnunetv2.run.run_training import run_training
+    run_training("902", "3d_fullres", 0, "FSEFTLoRATrainer_testnoval", continue_training=True, device=CPU)
+    fold = _model_folder(world["root"], "Dataset902_Target", "FSEFTLoRATrainer_testnoval") / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file() and not list(fold.glob("*.tmp*"))
+
+
+def _cli(args, **env):
+    full_env = dict(os.environ, **env)
+    for k in [k for k, v in env.items() if v is None]:
+        full_env.pop(k)
+    return subprocess.run([str(BIN / args[0])] + args[1:], env=full_env, capture_output=True, text=True)
+
+
+def test_nnunet_commands_find_train_predict_and_stock_predicts_the_merged_export(world):
+    """Through nnU-Net's own console scripts: found by nnUNetv2_train and nnUNetv2_predict, merged export
+    predicted by stock nnU-Net without the plugin's trainers and without nnUNet_extTrainer."""
+    root, trainer = world["root"], "FSEFTDecoderLoRATrainer_test"
+    weights = str(world["foundation"] / "fold_0" / "checkpoint_final.pth")
+    r = _cli(["nnUNetv2_train", "902", "3d_fullres", "0", "-tr", trainer, "-device", "cpu",
+              "-pretrained_weights", weights])
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out_plugin, out_stock = root / "cli_plugin", root / "cli_stock"
+    r = _cli(["nnUNetv2_predict", "-i", str(world["images"]), "-o", str(out_plugin), "-d", "902", "-c", "3d_fullres",
+              "-tr", trainer, "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    merged = root / "cli_merged"
+    r = _cli(["nnUNetv2_fseft_export", str(_model_folder(root, "Dataset902_Target", trainer)), str(merged), "--merge"])
+    assert r.returncode == 0, r.stderr
+    r = _cli(["nnUNetv2_predict_from_modelfolder", "-i", str(world["images"]), "-o", str(out_stock), "-m", str(merged),
+              "-f", "0", "-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"], nnUNet_extTrainer=None)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for case in ("target_000.nii.gz", "target_001.nii.gz"):
+        a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(d / case))) for d in (out_plugin, out_stock))
+        assert np.array_equal(a, b)
+
+
+def test_bad_pretrained_weights_give_one_line(world, tmp_path):
+    bogus = tmp_path / "not_a_checkpoint.pth"
+    bogus.write_text("hello")
+    r = _cli(["nnUNetv2_train", "902", "3d_fullres", "0", "-tr", "FSEFTLoRATrainer_test", "-device", "cpu",
+              "-pretrained_weights", str(bogus)])
+    assert r.returncode != 0
+    assert "nnunetv2_fseft: error:" in r.stderr and "not a readable PyTorch checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
