@@ -57,6 +57,7 @@ def _predict(model_folder, out):
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     predictor = nnUNetPredictor(use_mirroring=False, device=CPU, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model_folder), (0,))
+    Path(out).mkdir(parents=True, exist_ok=True)
     predictor.predict_from_files_sequential(str(model_folder.parent / "_in"), str(out))
     return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(Path(out).glob("*.nii.gz"))}
 

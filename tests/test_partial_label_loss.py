@@ -11,7 +11,6 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
 from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
-from nnunetv2_fseft.training.multitalent import balanced_sampling_probabilities
 
 B, C, S = 3, 4, (6, 5, 4)
 
@@ -122,6 +121,8 @@ def test_annotation_mask_rows():
 
 
 def test_sampling_probabilities_inverse_sqrt_of_dataset_size():
+    # imported here: the DDP test's worker processes re-import this module and need not load nnU-Net's trainer
+    from nnunetv2_fseft.training.multitalent import balanced_sampling_probabilities
     cases = [f"big_{i}" for i in range(9)] + [f"small_{i}" for i in range(4)]
     sources = {c: c.split("_")[0] for c in cases}
     p = balanced_sampling_probabilities(cases, sources)
@@ -132,6 +133,7 @@ def test_sampling_probabilities_inverse_sqrt_of_dataset_size():
 
 
 def test_single_source_samples_uniformly():
+    from nnunetv2_fseft.training.multitalent import balanced_sampling_probabilities
     assert balanced_sampling_probabilities(["a", "b", "c"], {}) is None
     assert balanced_sampling_probabilities(["a", "b"], {"a": "x", "b": "x"}) is None
 

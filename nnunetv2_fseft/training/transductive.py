@@ -17,11 +17,13 @@ lambda * L_TI on query tiles to the supervised loss (see docs/transductive.md fo
 * Once per epoch (after the warm-up) a no-grad pass over every tile of every query refreshes a per-tile cache of
   these sums (the reference evaluates the penalty once per epoch on the whole query volume).
 * Each iteration then draws `ti_batch_size` (query, tile) pairs uniformly (query first, then tile), predicts them
-  with gradient and adds lambda * penalty(S_hat) where
+  after the support batch (their gradients add up before the optimizer step) and adds lambda * penalty(S_hat) where
       S_hat = (cached total of the query with this tile's fresh value) + n_tiles * (s_tile - s_tile.detach()):
   its value is the whole-image penalty, and its gradient is an unbiased estimate of the gradient of the
   whole-image penalty (mean over queries and classes), the straight-through scheme of losses/size_prior.py.
   The sampled tiles' fresh sums go back into the cache.
+Extra cost per epoch after the warm-up: a forward/backward pass of one query tile per iteration, plus one no-grad
+forward pass per query tile (docs/transductive.md has measurements).
 """
 import os
 import time
@@ -300,45 +302,47 @@ class TransductiveMixin:
         s_hat = others + s.detach() + n_tiles * (s - s.detach())
         return self._ti_prior.penalty(s_hat), s.detach()
 
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
+
     def train_step(self, batch: dict) -> dict:
         if not self.ti_active():
             return super().train_step(batch)
         if self._ti_cache_epoch is None:  # called outside run_training's loop
             self.ti_epoch_pass()
-        # nnUNetTrainer.train_step (2.8.1) with query tiles appended to the batch and the TI term added to the loss.
-        # One forward pass (DDP allows one per backward); the default InstanceNorm keeps samples independent.
+        # nnUNetTrainer.train_step (2.8.1) plus lambda * L_TI on query tiles. Supports and query tiles go through the
+        # network separately (peak memory of the supervised step; no query in batch-norm statistics) and their
+        # gradients add up before the one optimizer step; under DDP they are synchronised once, with the second.
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         picks = self.ti_sample()
-        n = data.shape[0]
-        data = torch.cat([data, self._ti_queries.batch(picks, self.device).to(data.dtype)], 0)
+        query = self._ti_queries.batch(picks, self.device)
+        amp = (lambda: autocast(self.device.type, enabled=True)) if self.device.type == "cuda" else dummy_context
 
         self.optimizer.zero_grad(set_to_none=True)
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
-            output = self.network(data)
-            del data
-            if isinstance(output, (list, tuple)):
-                l_seg = self.loss([o[:n] for o in output], target)
-            else:
-                l_seg = self.loss(output[:n], target)
-            l_ti, s_fresh = self.ti_loss(head_output(output)[n:], picks)
-            loss = l_seg + self.ti_lambda * l_ti
+        with self.network.no_sync() if self.is_ddp else dummy_context():
+            with amp():
+                l_seg = self.loss(self.network(data), target)
+            self._backward(l_seg)
+        del data
+        with amp():
+            l_ti, s_fresh = self.ti_loss(head_output(self.network(query)), picks)
+        self._backward(self.ti_lambda * l_ti)
 
         if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
         for (q, t), row in zip(picks, s_fresh.double().cpu().numpy()):
             self._ti_cache[q][t] = row  # the tile's size before this step's update: fresher than the epoch pass
-        return {"loss": loss.detach().cpu().numpy(), "seg_loss": l_seg.detach().cpu().numpy(),
+        loss = l_seg.detach() + self.ti_lambda * l_ti.detach()
+        return {"loss": loss.cpu().numpy(), "seg_loss": l_seg.detach().cpu().numpy(),
                 "ti_loss": l_ti.detach().cpu().numpy()}
 
     def on_train_epoch_end(self, train_outputs: List[dict]):
