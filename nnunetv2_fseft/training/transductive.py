@@ -11,9 +11,9 @@ lambda * L_TI on query tiles to the supervised loss (see docs/transductive.md fo
   Only its preprocessed IMAGES are opened (`<case>.b2nd`, `.npy` or the 'data' array of `.npz`): never its
   `_seg` files, `.pkl` properties (they hold label-derived class locations), gt_segmentations or raw labels.
 * Each query image is cut into a fixed grid of patch-sized tiles; every voxel belongs to exactly one tile
-  (edge tiles are shifted inwards and count only the voxels they own; images smaller than the patch are
-  zero-padded like nnU-Net's sliding window and the padding is not counted). S_hat(query) = sum over its tiles
-  of voxel volume x the foreground probabilities.
+  (edge tiles are shifted inwards and count only the voxels they own; an image smaller than the patch is
+  zero-padded at its end, as nnU-Net pads with 0, and the padding is not counted).
+  S_hat(query) = sum over its tiles of voxel volume x the foreground probabilities.
 * Once per epoch (after the warm-up) a no-grad pass over every tile of every query refreshes a per-tile cache of
   these sums (the reference evaluates the penalty once per epoch on the whole query volume).
 * Each iteration then draws `ti_batch_size` (query, tile) pairs uniformly (query first, then tile), predicts them
@@ -63,7 +63,7 @@ def open_query_image(dataset_class, folder: str, identifier: str):
 
 
 def support_label_maps(dataset_class, folder: str, identifiers: List[str]):
-    """(label array, None) per support case, from the preprocessed `<case>_seg` files via nnU-Net's dataset class."""
+    """The label array of each support case: its preprocessed `<case>_seg` file, via nnU-Net's dataset class."""
     dataset = dataset_class(folder, identifiers)
     for identifier in identifiers:
         _, seg, _, _ = dataset.load_case(identifier)
