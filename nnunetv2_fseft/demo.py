@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
+from .demo_trainers import SCHEDULES, THREADS_VARIABLE
 from .errors import FSEFTError
 
 MARKER = ".fseft_demo.json"
@@ -44,7 +45,7 @@ METHODS = (
     ("LoRA", "FSEFTLoRATrainer"),
     ("full fine-tuning", "FSEFTFullFTTrainer"),
 )
-SCRATCH = ("from scratch (nnUNetTrainer)", "nnUNetTrainer")
+SCRATCH = ("from scratch (nnU-Net)", "nnUNetTrainer")
 QUICK_METHODS = ("FSEFTLinearProbeTrainer", "FSEFTLoRATrainer")
 
 # the synthetic story: (id, name, annotated organs, seed, organ intensity shift in HU)
@@ -161,6 +162,9 @@ def nnunet_env(wd: Workdir) -> dict:
             "nnUNet_n_proc_DA": "0",    # augmentation in the training process: no worker processes to start
             "nnUNet_compile": "0",
             "nnUNet_def_n_proc": "1",   # else nnU-Net starts 8 export workers, each importing torch
+            # OpenMP threads that sleep rather than spin while waiting: on a busy CPU, spinning threads made a
+            # 2-thread training step 8x slower (measured); the user's own setting wins
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
             "PYTHONUNBUFFERED": "1"}
 
 
@@ -188,7 +192,7 @@ class Progress:
     def line(self, step: str, text: str) -> None:
         elapsed = int(time.monotonic() - self.t0)
         with self.lock:
-            print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {step:<22} {text}", file=self.stream, flush=True)
+            print(f"[{elapsed // 60:2d}:{elapsed % 60:02d}] {step:<28} {text}", file=self.stream, flush=True)
 
 
 @contextlib.contextmanager
@@ -211,12 +215,14 @@ def output_to(log: Path):
             os.close(saved[1])
 
 
-def run_in_process(wd: Workdir, step: str, function, *args, **kwargs):
-    """Call a Python step with its output in logs/<step>.log; errors become one line naming step and log."""
+def run_in_process(wd: Workdir, step: str, function, *args, capture: bool = True, **kwargs):
+    """Call a Python step with its output in logs/<step>.log; errors become one line naming step and log.
+
+    capture=False leaves the output alone (redirecting file descriptors is not thread-safe)."""
     log = wd.log(step)
     log.write_text(f"# {step}: {function.__module__}.{function.__name__}\n")
     try:
-        with output_to(log):
+        with output_to(log) if capture else contextlib.nullcontext():
             return function(*args, **kwargs)
     except FSEFTError as e:
         raise FSEFTError(f"step '{step}' failed: {e} (log: {log})") from None
@@ -290,12 +296,17 @@ def _describe_phantoms(settings: Settings) -> str:
             f"organs +{TARGET[4]:.0f} HU): {settings.n_target_cases} cases")
 
 
-def link_user_data(wd: Workdir, settings: Settings) -> dict:
-    """--data: link the user's raw datasets into the work dir's nnUNet_raw (read only; nothing is written there)."""
+def user_raw_folder() -> str:
+    """--data reads the user's datasets from their nnUNet_raw."""
     user_raw = os.environ.get("nnUNet_raw")
     if not user_raw or not Path(user_raw).is_dir():
         raise FSEFTError("--data needs nnUNet_raw set to the folder that holds your raw datasets "
                          "(see nnU-Net's documentation/setting_up_paths.md)")
+    return user_raw
+
+
+def link_user_data(wd: Workdir, settings: Settings, user_raw: str) -> dict:
+    """--data: link the user's raw datasets into the work dir's nnUNet_raw (read only; nothing is written there)."""
     foundation_ids, target_id = settings.data
     folders = {}
     for dataset_id in (*foundation_ids, target_id):
@@ -506,7 +517,7 @@ def adapt_and_score(wd: Workdir, run: Run, target: dict, checkpoint: Path, env: 
     predict_s = run_command(wd, run.step.replace("adapt_", "predict_"), predict, env)
     dataset_json = json.loads((model / "dataset.json").read_text())
     scores = run_in_process(wd, run.step.replace("adapt_", "evaluate_"), evaluate, out, query[1], dataset_json,
-                            model / "plans.json")
+                            model / "plans.json", capture=False)
     params, size, file = saved_parameters(model / f"fold_{run.fold}")
     return {**asdict(run), **scores, "trainable_parameters": params, "file_bytes": size, "file": file,
             "train_s": round(train_s, 1), "predict_s": round(predict_s, 1)}
@@ -520,7 +531,7 @@ def run_all(wd: Workdir, runs: List[Run], target: dict, checkpoint: Path, env: d
         record = done(wd, run.step)
         if record is not None:
             records[run.step] = record
-            progress.line(f"{run.method[:14]} K={run.k}", f"Dice {record['dice']:.3f} (done earlier)")
+            progress.line(f"{run.method} K={run.k}", f"Dice {record['dice']:.3f} (done earlier)")
         else:
             todo.append(run)
     failure = []
@@ -529,15 +540,18 @@ def run_all(wd: Workdir, runs: List[Run], target: dict, checkpoint: Path, env: d
         if failure:
             return
         try:
-            record = save_record(wd, run.step, adapt_and_score(wd, run, target, checkpoint, env, query))
+            record = save_record(wd, run.step, adapt_and_score(wd, run, target, checkpoint, run_env, query))
         except FSEFTError as e:
             failure.append(e)
             return
         records[run.step] = record
-        progress.line(f"{run.method[:14]} K={run.k}",
+        progress.line(f"{run.method} K={run.k}",
                       f"Dice {record['dice']:.3f}  {record['trainable_parameters']:,} trained params  "
                       f"(train {record['train_s']:.0f} s, predict {record['predict_s']:.0f} s)")
 
+    run_env = env
+    if jobs > 1:  # read by the demo trainers: share the cores instead of each run taking all of them
+        run_env = {**env, THREADS_VARIABLE: str(max(1, (os.cpu_count() or 1) // jobs))}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         list(pool.map(one, todo))
     if failure:
@@ -619,11 +633,29 @@ def run_demo(workdir="fseft_demo", quick: bool = False, data=None, overwrite: bo
              preset: str = PRESET, stream=None) -> dict:
     """The whole story; returns {'table', 'markdown', 'plot', 'records', 'total_s'}."""
     settings = default_settings(quick, data, preset)
+    user_raw = user_raw_folder() if data is not None else None
     progress = Progress(stream)
     wd = open_workdir(workdir, settings, overwrite)
     env = nnunet_env(wd)
-    user_raw = os.environ.get("nnUNet_raw")  # --data reads the user's datasets from here
-    os.environ.update(env)  # for the steps that run in this process
+    with environment(env):  # for the steps that run in this process
+        return _story(wd, settings, env, user_raw, jobs, progress)
+
+
+@contextlib.contextmanager
+def environment(variables: dict):
+    old = {k: os.environ.get(k) for k in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], jobs: int, progress: Progress) -> dict:
     progress.line("work dir", f"{wd.root} (logs: {wd.logs})")
 
     def step(name: str, function, *args, describe=lambda r: "", **kwargs) -> dict:
@@ -639,12 +671,8 @@ def run_demo(workdir="fseft_demo", quick: bool = False, data=None, overwrite: bo
     if settings.data is None:
         data_record = step("data", make_synthetic_data, wd, settings, describe=lambda r: _describe_phantoms(settings))
     else:
-        os.environ["nnUNet_raw"] = user_raw or ""
-        try:
-            data_record = step("data", link_user_data, wd, settings,
-                               describe=lambda r: f"linked {len(r['linked'])} raw datasets from your nnUNet_raw")
-        finally:
-            os.environ["nnUNet_raw"] = env["nnUNet_raw"]
+        data_record = step("data", link_user_data, wd, settings, user_raw,
+                           describe=lambda r: f"linked {len(r['linked'])} raw datasets from your nnUNet_raw")
     foundation = step("assemble", assemble, wd, settings, data_record["sources"], describe=lambda r: (
         f"{r['dataset']}: {r['n_cases']} cases, classes {', '.join(r['classes'])}; each case annotated only "
         f"for its own dataset's classes"))
@@ -657,7 +685,6 @@ def run_demo(workdir="fseft_demo", quick: bool = False, data=None, overwrite: bo
     checkpoint = model_folder / f"fold_{FOUNDATION_FOLD}" / "checkpoint_final.pth"
     record = done(wd, "pretrain")
     if record is None:
-        from .demo_trainers.fseft_demo_trainers import SCHEDULES
         epochs, iterations, _ = SCHEDULES[settings.schedule]["pretrain"]
         progress.line("pretrain", f"{trainer}: {epochs} x {iterations} iterations, partial-label loss "
                                   f"(log: {wd.log('pretrain')})")

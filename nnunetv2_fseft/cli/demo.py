@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
                         "TARGET_ID (the last id is the target). They are linked, not copied, into the work dir")
     p.add_argument("--preset", default="tiny", help="plan preset for the foundation (default tiny: CPU-sized network)")
     p.add_argument("--jobs", type=int, default=None,
-                   help="adaptation runs at a time (default: 2 if the machine has 4 or more cores, else 1)")
+                   help="adaptation runs at a time (default: 2 on 2 or more cores, each with half the cores)")
     p.add_argument("--overwrite", action="store_true", help="start over in an earlier demo's work dir")
     return p
 
@@ -39,7 +39,7 @@ def main(argv=None):
             raise FSEFTError(f"--data: the target {a.data[-1]} is also listed as a foundation dataset; the target "
                              "must be a dataset the foundation does not train on")
         data = (tuple(a.data[:-1]), a.data[-1])
-    jobs = a.jobs if a.jobs is not None else (2 if (os.cpu_count() or 1) >= 4 else 1)
+    jobs = a.jobs if a.jobs is not None else (2 if (os.cpu_count() or 1) >= 2 else 1)
     if jobs < 1:
         raise FSEFTError("--jobs must be 1 or more")
     from ..demo import run_demo
