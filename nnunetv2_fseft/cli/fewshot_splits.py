@@ -18,7 +18,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--query-file", default=None,
                    help="JSON list of query case ids (pins the query set, e.g. for benchmarks)")
     p.add_argument("--target-class", default=None,
-                   help="warn about supports lacking this class only (default: all foreground classes)")
+                   help="the class the folds are for: a support lacking it is an error (default: warn about "
+                        "supports lacking any foreground class)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a splits_final.json not written by this tool (a backup copy is kept)")
     return p

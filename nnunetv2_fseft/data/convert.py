@@ -9,7 +9,8 @@ import SimpleITK as sitk
 from tqdm import tqdm
 
 from nnunetv2_fseft.data.nnunet_raw import (
-    Geometry, check_file_ending, check_geometry, dataset_folder, integer_labels, link_file, load_dataset_json, remap_label_file,
+    Geometry, check_file_ending, check_geometry, dataset_folder, integer_labels, link_file, load_dataset_json, read_image,
+    remap_label_file,
     resolve_dataset, staged_output, training_cases, write_dataset_json, write_label_map)
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.names import normalize_class_name
@@ -67,7 +68,7 @@ def _resolve_names(requested: Sequence[str], available: Sequence[str], what: str
 
 
 def _read_mask(case: str, path: Path, geometry: Geometry) -> np.ndarray:
-    mask = sitk.ReadImage(str(path))
+    mask = read_image(path)
     check_geometry(case, geometry, Geometry.of_image(mask), f"mask {MASK_FOLDER}/{path.name}", IMAGE_NAME)
     array = sitk.GetArrayFromImage(mask)
     bad = (array != 0) & (array != 1)
@@ -81,7 +82,7 @@ def _nonempty_structures(cases: Dict[str, Path], names: Sequence[str]) -> List[s
     keep = set()
     for case, case_dir in tqdm(cases.items(), desc="scanning masks", unit="case", disable=None):
         for name, path in _structure_files(case_dir).items():
-            if name not in keep and sitk.GetArrayFromImage(sitk.ReadImage(str(path))).any():
+            if name not in keep and sitk.GetArrayFromImage(read_image(path)).any():
                 keep.add(name)
     return [n for n in names if n in keep]
 

@@ -112,9 +112,10 @@ def _raw_label_files(raw: str, dataset_json: dict) -> dict:
 
 
 def _dataset_json(preprocessed: str, raw) -> dict:
+    from nnunetv2_fseft.data.nnunet_raw import load_dataset_json
     for folder in (preprocessed, raw):
         if folder and os.path.isfile(os.path.join(folder, "dataset.json")):
-            return _load_json(os.path.join(folder, "dataset.json"))
+            return load_dataset_json(folder)  # valid JSON, required keys, nnU-Net's label rules
     raise FSEFTError(f"no dataset.json in {preprocessed} or the raw dataset folder; run nnUNetv2_plan_and_preprocess "
                      f"or set nnUNet_raw")
 
@@ -203,12 +204,13 @@ def _class_values(dataset_json: dict, target_class) -> dict:
 def find_missing_classes(cases: list, label_files: dict, class_values: dict) -> dict:
     """case -> class names with no voxel in its label map (cases without a label file are skipped)."""
     import SimpleITK as sitk
+    from nnunetv2_fseft.data.nnunet_raw import read_image
     missing = {}
     for case in cases:
         path = label_files.get(case)
         if path is None or not os.path.isfile(path):
             continue
-        present = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(path))).tolist())
+        present = set(np.unique(sitk.GetArrayFromImage(read_image(path))).tolist())
         lacking = [n for n, vals in class_values.items() if not present.intersection(vals)]
         if lacking:
             missing[case] = lacking
@@ -283,6 +285,10 @@ def write_fewshot_splits(dataset, ks, seeds, n_query=None, query_file=None, targ
         missing = find_missing_classes(support_cases, label_files, class_values)
         for case, lacking in missing.items():
             in_folds = [f["fold"] for f in folds if case in f["train"]]
+            if target_class is not None:  # the one class these folds are for: a support without it is useless
+                raise FSEFTError(f"support case {case} (folds {in_folds}) has no voxel of the target class "
+                                 f"{', '.join(lacking)} in its label map; fix: put it in the query set "
+                                 f"(--query-file) or remove it from the dataset")
             _warn(f"support case {case} (folds {in_folds}) has no voxel of {', '.join(lacking)} in its label map")
 
     query_seed = None if query_file is not None else QUERY_SEED

@@ -63,10 +63,44 @@ def load_dataset_json(folder: Path) -> dict:
         dataset_json = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise FSEFTError(f"{path} is not valid JSON ({e}); fix: repair the file") from None
+    if not isinstance(dataset_json, dict):
+        raise FSEFTError(f"{path} is not a JSON object; fix: write it as nnU-Net's dataset_format.md shows")
     for key in ("channel_names", "labels", "file_ending"):
         if key not in dataset_json:
             raise FSEFTError(f"{path} has no '{key}'; fix: add it (see nnU-Net's dataset_format.md)")
+    check_labels(dataset_json, str(path))
     return dataset_json
+
+
+def check_labels(dataset_json: dict, where: str):
+    """nnU-Net's rules for "labels": background 0, values (regions flattened) consecutive from 0, and an
+    ignore label, if any, right after the highest value. Checked up front, with the fix, instead of deep
+    inside nnU-Net's planning."""
+    labels = dataset_json.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise FSEFTError(f"{where}: \"labels\" must map names to values, e.g. {{\"background\": 0, \"liver\": 1}}")
+    if labels.get("background") != 0:
+        raise FSEFTError(f"{where}: labels need \"background\": 0; fix: add it (nnU-Net requires label 0 = background)")
+    values, seen = set(), {}
+    for name, value in labels.items():
+        if name == "ignore":
+            continue
+        for v in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise FSEFTError(f"{where}: label '{name}' has value {value!r}; fix: use integers >= 0")
+            if not isinstance(value, (list, tuple)) and v in seen:
+                raise FSEFTError(f"{where}: labels '{seen[v]}' and '{name}' both have value {v}; "
+                                 f"fix: give each label its own value")
+            seen.setdefault(v, name)
+            values.add(v)
+    gaps = sorted(set(range(max(values) + 1)) - values)
+    if gaps:
+        raise FSEFTError(f"{where}: label values must be consecutive (0, 1, 2, ...) but {gaps[:5]} is missing "
+                         f"(values: {sorted(values)}); fix: renumber the labels, in dataset.json and in the label "
+                         f"maps (nnUNetv2_fseft_convert relabel does both)")
+    if "ignore" in labels and labels["ignore"] != max(values) + 1:
+        raise FSEFTError(f"{where}: the ignore label must be {max(values) + 1} (highest label + 1), "
+                         f"not {labels['ignore']!r}; fix: renumber it")
 
 
 def integer_labels(dataset_json: dict, where: str) -> Dict[str, int]:
@@ -119,6 +153,38 @@ def training_cases(folder: Path, dataset_json: dict) -> Dict[str, Tuple[List[Pat
     return cases
 
 
+def check_raw_dataset(folder: Path) -> dict:
+    """What nnU-Net's verify_dataset_integrity checks, as one line naming the case and the fix, before
+    planning starts: dataset.json, numTraining, files per case, readable images, image/label geometry and
+    label values declared in dataset.json. Returns dataset.json."""
+    folder = Path(folder)
+    dataset_json = load_dataset_json(folder)
+    cases = training_cases(folder, dataset_json)
+    n = dataset_json.get("numTraining")
+    if n is not None and n != len(cases):
+        raise FSEFTError(f"{folder / 'dataset.json'}: numTraining is {n} but there are {len(cases)} training "
+                         f"cases; fix: set \"numTraining\": {len(cases)}")
+    if dataset_json["file_ending"] not in SITK_FILE_ENDINGS:
+        return dataset_json  # png/tif readers: nnU-Net's own check covers them
+    labels = dataset_json["labels"]
+    declared = {v for value in labels.values() for v in (value if isinstance(value, (list, tuple)) else [value])}
+    for case, (images, label) in cases.items():
+        geometry = Geometry.of_file(images[0])
+        if 0 in geometry.size:
+            raise FSEFTError(f"case '{case}': image {images[0].name} has no voxels (size {geometry.size}); "
+                             f"fix: re-export the image or remove the case")
+        for image in images[1:]:
+            check_geometry(case, geometry, Geometry.of_file(image), f"image {image.name}", f"image {images[0].name}")
+        label_image = read_image(label)
+        check_geometry(case, geometry, Geometry.of_image(label_image), f"label {label.name}", f"image {images[0].name}")
+        unknown = sorted(set(np.unique(sitk.GetArrayViewFromImage(label_image)).tolist()) - declared)
+        if unknown:
+            raise FSEFTError(f"case '{case}': label {label.name} has values {unknown[:5]} that dataset.json does "
+                             f"not declare (declared: {sorted(declared)}); fix: add them to dataset.json labels "
+                             f"or clean the label map")
+    return dataset_json
+
+
 class Geometry(NamedTuple):
     size: tuple
     spacing: tuple
@@ -137,7 +203,7 @@ class Geometry(NamedTuple):
         try:
             reader.ReadImageInformation()
         except RuntimeError:
-            raise FSEFTError(f"cannot read {path}; fix: check that it is a valid image file") from None
+            raise FSEFTError(_unreadable(path)) from None
         return cls(reader.GetSize(), reader.GetSpacing(), reader.GetOrigin(), reader.GetDirection())
 
     def difference(self, other: "Geometry") -> Optional[Tuple[str, str, str]]:
@@ -156,6 +222,20 @@ class Geometry(NamedTuple):
         image.SetOrigin(self.origin)
         image.SetDirection(self.direction)
         return image
+
+
+def _unreadable(path) -> str:
+    path = Path(path)
+    what = "is empty (0 bytes)" if path.is_file() and path.stat().st_size == 0 else "is not a readable image"
+    return f"cannot read {path}: the file {what}; fix: re-export or replace it (e.g. a truncated copy or download)"
+
+
+def read_image(path) -> sitk.Image:
+    """sitk.ReadImage with one clear line for empty, truncated or foreign files."""
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError:
+        raise FSEFTError(_unreadable(path)) from None
 
 
 def _fmt(values) -> str:
@@ -248,7 +328,7 @@ def remap_label_file(case: str, images: List[Path], label: Path, lut: Dict[int, 
     """Rewrite one source label map through lut (old value -> new value) onto the image's grid and return
     the new values present. Values the source dataset.json does not declare are an error, not background."""
     geometry = Geometry.of_file(images[0])
-    label_image = sitk.ReadImage(str(label))
+    label_image = read_image(label)
     check_geometry(case, geometry, Geometry.of_image(label_image), f"label {label.name}", f"image {images[0].name}")
     array = sitk.GetArrayFromImage(label_image)
     values = np.unique(array)
