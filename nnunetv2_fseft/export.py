@@ -23,7 +23,10 @@ def _model_json(folder: Path, name: str) -> dict:
     if not path.is_file():
         raise FSEFTError(f"{folder} is not an nnU-Net model folder (no {name}); pass "
                          "nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise FSEFTError(f"{path} is not valid JSON ({e}); fix: copy the model folder again from its source") from None
 
 
 def _folds(folder: Path, required: str) -> list:
@@ -63,7 +66,17 @@ def _copy_model_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
+def _check_config(config, source) -> dict:
+    missing = [k for k in ("method", "options", "configuration", "trainer_name")
+               if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise FSEFTError(f"{source}: adapter.json has no '{missing[0]}'; it was not written by an FSEFT trainer or "
+                         "nnUNetv2_fseft_export: export the adapter again")
+    return config
+
+
 def _rebuild(plans: dict, dataset_json: dict, config: dict, source) -> torch.nn.Module:
+    _check_config(config, source)
     if config.get("method") not in METHODS:
         raise FSEFTError(f"{source}: adapter.json names unknown method {config.get('method')!r}; "
                          f"known: {', '.join(METHODS)}")
@@ -95,7 +108,11 @@ def export_model(model_folder, out_folder, merge: bool, overwrite: bool = False)
                 for name in ("adapter.json", "adapter.safetensors"):
                     shutil.copyfile(fold / name, out / fold.name / name)
                 continue
-            config = json.loads((fold / "adapter.json").read_text())
+            config = read_adapter(fold)[0]
+            if not (fold / "checkpoint_final.pth").is_file():
+                raise FSEFTError(f"{fold} has adapter files but no checkpoint_final.pth (an adapter export?); fix: "
+                                 "rebuild with nnUNetv2_fseft_export --apply ADAPTER_FOLDER FOUNDATION_CHECKPOINT "
+                                 "OUT_FOLDER --merge")
             checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
             network = _rebuild(plans, dataset_json, config, fold)
             network.load_state_dict(checkpoint["network_weights"])
@@ -114,6 +131,7 @@ def apply_adapter(adapter_folder, foundation_checkpoint, out_folder, merge: bool
         _copy_model_files(adapter_folder, out)
         for fold in folds:
             config, tensors = read_adapter(fold)
+            _check_config(config, fold)
             trained_on = (config.get("foundation") or {}).get("sha256")
             if trained_on and digest and trained_on != digest:
                 raise FSEFTError(f"{fold}: this adapter was trained on another foundation (sha256 {trained_on[:12]}…, "

@@ -40,12 +40,32 @@ def apply_preset(plans: dict, preset: dict) -> dict:
 
 
 def _dataset_name(dataset) -> str:
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    """nnU-Net's dataset name, with its raw data checked the way nnU-Net's planning would (one clear line)."""
+    from nnunetv2_fseft.data.nnunet_raw import check_raw_dataset, resolve_dataset
+    folder = resolve_dataset(dataset)
+    check_raw_dataset(folder)
+    return folder.name
+
+
+@contextlib.contextmanager
+def _nnunet_step(what: str, name: str):
+    """nnU-Net's own checks raise AssertionError/RuntimeError with multi-line text: keep its first line."""
     try:
-        return maybe_convert_to_dataset_name(dataset)
-    except RuntimeError as e:
-        raise FSEFTError(f"dataset {dataset} not found in nnUNet_raw or nnUNet_preprocessed ({e}); "
-                         "check the id and the nnUNet_raw variable") from None
+        yield
+    except (AssertionError, RuntimeError, ValueError) as e:
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise FSEFTError(f"nnU-Net's {what} of {name} failed: {first[:300]}; fix the dataset as it says "
+                         "(nnUNetv2_plan_and_preprocess -d ID --verify_dataset_integrity shows the details)") from None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FSEFTError(f"{path} is not valid JSON ({e}); fix: copy the model folder again from its source") from None
+    if not isinstance(data, dict):
+        raise FSEFTError(f"{path} is not a JSON object; fix: copy the model folder again from its source")
+    return data
 
 
 def _require_free(path: Path, overwrite: bool) -> None:
@@ -78,7 +98,8 @@ def plan_with_preset(dataset, preset_name: str, configurations=("3d_fullres",), 
     plans_name = preset.get("plans_name", "nnUNetPlans")
     plans_file = Path(nnUNet_preprocessed) / name / f"{plans_name}.json"
     _require_free(plans_file, overwrite)
-    extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
+    with _nnunet_step("dataset check", name):
+        extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
     with _planner_threads():
         plan_experiments([dataset_id], overwrite_plans_name=plans_name)
     plans = apply_preset(json.loads(plans_file.read_text()), preset)
@@ -101,18 +122,18 @@ def prepare_target(target, model_folder, num_processes: int = 2, overwrite: bool
         if not (model_folder / required).is_file():
             raise FSEFTError(f"{model_folder} is not an nnU-Net model folder (no {required}); pass the folder "
                              "that holds plans.json, dataset.json and fold_X/ (nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG)")
-    plans = json.loads((model_folder / "plans.json").read_text())
-    foundation_json = json.loads((model_folder / "dataset.json").read_text())
+    plans, foundation_json = _read_json(model_folder / "plans.json"), _read_json(model_folder / "dataset.json")
     name = _dataset_name(target)
     raw = Path(nnUNet_raw) / name
-    target_json = json.loads((raw / "dataset.json").read_text())
+    target_json = json.loads((raw / "dataset.json").read_text())  # checked by _dataset_name
     n_target, n_found = len(target_json["channel_names"]), len(foundation_json["channel_names"])
     if n_target != n_found:
         raise FSEFTError(f"{name} has {n_target} input channel(s) but the foundation expects {n_found} "
                          f"({foundation_json['channel_names']}); the target must have the foundation's modalities")
     plans_file = Path(nnUNet_preprocessed) / name / f"{plans['plans_name']}.json"
     _require_free(plans_file, overwrite)
-    extract_fingerprints([int(name[7:10])], num_processes=num_processes, check_dataset_integrity=True)
+    with _nnunet_step("dataset check", name):
+        extract_fingerprints([int(name[7:10])], num_processes=num_processes, check_dataset_integrity=True)
     example = next(iter(get_filenames_of_train_images_and_targets(str(raw), target_json).values()))["images"][0]
     plans["dataset_name"] = name
     plans["image_reader_writer"] = determine_reader_writer_from_dataset_json(
