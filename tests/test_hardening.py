@@ -291,7 +291,7 @@ def _model_folder(env, channels=None, bad_plans=False) -> Path:
     ("plans.json invalid", r"plans\.json is not valid JSON \(.*\); fix: copy the model folder again"),
     ("channel count", r"Dataset011_Good has 1 input channel\(s\) but the foundation expects 2 .*; the target must"),
     ("plans exist", r"Dataset011_Good/nnUNetPlans\.json already exists; pass --overwrite to replace it"),
-])
+], ids=["no model folder", "plans.json invalid", "channel count", "plans exist"])
 def test_prepare_target_refusals(env, capsys, case, message):
     dataset(env, 11)
     model = env / "nomodel"
