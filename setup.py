@@ -10,6 +10,8 @@ SCRIPTS = {
     "nnUNetv2_fseft_convert": "convert",
     "nnUNetv2_fseft_assemble": "assemble",
     "nnUNetv2_fseft_fewshot_splits": "fewshot_splits",
+    "nnUNetv2_fseft_zeroshot": "zeroshot",
+    "nnUNetv2_fseft_benchmark": "benchmark",
     "nnUNetv2_fseft_demo": "demo",
 }
 

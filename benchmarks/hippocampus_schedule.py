@@ -39,6 +39,7 @@ def main():
     from nnunetv2_fseft.cli.ext_path import trainers_folder
     os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "pre"),
                       nnUNet_results=str(work / "res"), nnUNet_compile="0", nnUNet_def_n_proc="1",
+                      nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "2"),  # nnU-Net would start 12 on 2 cores
                       nnUNet_extTrainer=os.pathsep.join([trainers_folder(), str(HERE / "ext")]))
     from nnunetv2_fseft.data.convert import relabel_dataset
     from nnunetv2_fseft.data.fewshot import write_fewshot_splits

@@ -78,7 +78,7 @@ def _check_architecture(adapted: dict, pretrained: dict, path) -> None:
                              f"foundation but {want} here{hint}; {FIX_PLANS}")
 
 
-def _channel_names(dataset_json: dict, n_channels: int):
+def channel_names(dataset_json: dict, n_channels: int):
     """Names of a head's output channels: softmax heads have background first, sigmoid heads do not."""
     names = [normalize_class_name(n) for n in foreground_label_names(dataset_json)]
     if n_channels == len(names) + 1:
@@ -94,8 +94,8 @@ def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_jso
     if not head_keys or foundation_json is None:
         return ["head: the foundation names no classes; all target classes start fresh"]
     example = next(k for k in head_keys if k.endswith("weight"))
-    t_names, t_softmax = _channel_names(target_json, adapted[example].shape[0])
-    f_names, f_softmax = _channel_names(foundation_json, pretrained[foundation_key(example)].shape[0])
+    t_names, t_softmax = channel_names(target_json, adapted[example].shape[0])
+    f_names, f_softmax = channel_names(foundation_json, pretrained[foundation_key(example)].shape[0])
     if t_names is None or f_names is None:
         return ["head: channel layout not recognised; all target classes start fresh"]
     pairs = [(ti, f_names.index(n)) for ti, n in enumerate(t_names) if n != "background" and n in f_names]

@@ -3,6 +3,9 @@
 nnU-Net finds these through nnUNet_extTrainer=$(nnUNetv2_fseft_ext_path); it imports this module under
 a top-level name, so imports here must be absolute. Learning rates follow the FSEFT study (MedIA 2025).
 """
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
 
 
@@ -61,3 +64,17 @@ class FSEFTDecoderAdaptFormerTrainer(FSEFTTrainer):
 class FSEFTDecoderAffineNormTrainer(FSEFTTrainer):
     peft_method, learning_rate = "decoder_affine_norm", 1e-3
 
+
+
+class FSEFTScratchTrainer(nnUNetTrainer):
+    """The from-scratch baseline: stock nnU-Net (SGD, its LR, random init) on the FSEFT schedule."""
+    epochs = FSEFTTrainer.epochs
+    iterations_per_epoch = FSEFTTrainer.iterations_per_epoch
+    val_iterations_per_epoch = FSEFTTrainer.val_iterations_per_epoch
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = self.epochs
+        self.num_iterations_per_epoch = self.iterations_per_epoch
+        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch

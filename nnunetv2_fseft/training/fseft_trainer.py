@@ -101,11 +101,15 @@ class FSEFTTrainer(nnUNetTrainer):
     def adapter_config(self) -> dict:
         foundation = json.loads(self._foundation_file().read_text()) if self._foundation_file().is_file() else None
         axes = self.inference_allowed_mirroring_axes
+        trainable, total = count_parameters(self.plain_network())
+        peak_cuda = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
         return {"format": ADAPTER_FORMAT, "trainer_name": type(self).__name__, "method": self.peft_method,
                 "options": resolved_options(self.peft_method, self.peft_options),
                 "plans_name": self.plans_manager.plans_name, "configuration": self.configuration_name,
                 "fold": self.fold, "labels": self.dataset_json["labels"], "foundation": foundation,
-                "inference_allowed_mirroring_axes": list(axes) if axes is not None else None}
+                "inference_allowed_mirroring_axes": list(axes) if axes is not None else None,
+                "trainable_parameters": trainable, "total_parameters": total,
+                "peak_cuda_memory_bytes": peak_cuda}
 
     def save_checkpoint(self, filename: str) -> None:
         if self.local_rank != 0 or self.disable_checkpointing:

@@ -1,0 +1,110 @@
+"""One cell of the grid = one (method, K, seed): nnUNetv2_train on that fold (its final validation is nnU-Net's
+evaluation of the query set), or the zero-shot model once for all cells. A finished cell leaves a record in
+OUTPUT/cells/, so a re-run skips it."""
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import FSEFTError
+from .config import BenchmarkConfig
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    k: int
+    seed: int
+    fold: int
+    trainer: str  # the nnU-Net trainer class that runs it ('' for zeroshot)
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}_k{self.k}_s{self.seed}"
+
+
+def plugin_environment() -> dict:
+    """The caller's environment with the plugin's trainers on nnUNet_extTrainer (appended, never replacing)."""
+    from ..cli.ext_path import trainers_folder
+    env = dict(os.environ)
+    folders = [f for f in env.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
+    if trainers_folder() not in folders:
+        folders.append(trainers_folder())
+    env["nnUNet_extTrainer"] = os.pathsep.join(folders)
+    return env
+
+
+def console_script(name: str) -> str:
+    here = Path(sys.executable).parent / name
+    return str(here) if here.is_file() else name
+
+
+def run_logged(cmd: list, log: Path, env: dict) -> dict:
+    """Run a command with its output in `log`; wall time and the peak RSS of its process (wait4's rusage)."""
+    t0 = time.monotonic()
+    with open(log, "a") as f:
+        f.write("$ " + " ".join(cmd) + "\n")
+        f.flush()
+        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode:
+        raise FSEFTError(f"{cmd[0]} failed (exit code {process.returncode}); see the end of {log}")
+    return {"train_seconds": round(time.monotonic() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def model_folder(config: BenchmarkConfig, dataset_name: str, trainer: str) -> Path:
+    from nnunetv2.paths import nnUNet_results
+    return Path(nnUNet_results) / dataset_name / f"{trainer}__{config.plans_name}__{config.configuration}"
+
+
+def train_cell(config: BenchmarkConfig, dataset_name: str, cell: Cell, log: Path, env: dict) -> dict:
+    fold_dir = model_folder(config, dataset_name, cell.trainer) / f"fold_{cell.fold}"
+    cmd = [console_script("nnUNetv2_train"), config.dataset, config.configuration, str(cell.fold),
+           "-tr", cell.trainer, "-p", config.plans_name, "-device", config.device]
+    if any(fold_dir.glob("checkpoint_*.pth")):
+        cmd.append("--c")  # interrupted earlier: nnU-Net resumes (and only validates if training had finished)
+    elif cell.method != "scratch":
+        cmd += ["-pretrained_weights", str(config.checkpoint)]
+    return run_logged(cmd, log, env)
+
+
+def zeroshot_cell(config: BenchmarkConfig, fold: int, log: Path) -> dict:
+    from ..zeroshot import build_zeroshot_model, predict_and_evaluate
+    t0 = time.monotonic()
+    with open(log, "a") as f:
+        f.write(f"zero-shot from {config.foundation}, query = val of fold {fold}\n")
+    folder = build_zeroshot_model(config.foundation, config.dataset, fold, config.foundation_fold, overwrite=True)
+    predict_and_evaluate(folder, config.dataset, fold, config.device)
+    return {"train_seconds": 0.0, "predict_seconds": round(time.monotonic() - t0, 1)}
+
+
+def collect(config: BenchmarkConfig, dataset_json: dict, fold_dir: Path) -> dict:
+    """Dice per class from nnU-Net's summary.json, and what the cell cost to keep."""
+    summary_file = fold_dir / "validation" / "summary.json"
+    if not summary_file.is_file():
+        raise FSEFTError(f"{summary_file} is missing: nnU-Net's final validation did not run for this cell")
+    summary = json.loads(summary_file.read_text())
+    names = {str(tuple(v) if isinstance(v, list) else v): k
+             for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")}
+    record = {"dice": summary["foreground_mean"]["Dice"],
+              "dice_per_class": {names.get(label, label): m["Dice"] for label, m in summary["mean"].items()}}
+    adapter = fold_dir / "adapter.json"
+    checkpoint = fold_dir / "checkpoint_final.pth"
+    record["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.is_file() else None
+    if adapter.is_file():
+        info = json.loads(adapter.read_text())
+        record.update(trainable_parameters=info.get("trainable_parameters"),
+                      adapter_bytes=(fold_dir / "adapter.safetensors").stat().st_size,
+                      peak_cuda_mb=round(info["peak_cuda_memory_bytes"] / 2 ** 20, 1)
+                      if info.get("peak_cuda_memory_bytes") else None)
+    return record
+
+
+def count_checkpoint_parameters(fold_dir: Path) -> int:
+    import torch
+    weights = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
+    return sum(v.numel() for v in weights.values() if v.is_floating_point())

@@ -1,0 +1,100 @@
+"""results.csv (one row per cell), results.md (mean ± std over seeds, as the FSEFT study's tables) and
+dice_vs_k.png (Dice vs K per method)."""
+import csv
+import statistics
+from pathlib import Path
+
+COST_COLUMNS = ("trainable_parameters", "adapter_bytes", "checkpoint_bytes", "train_seconds", "peak_rss_mb",
+                "peak_cuda_mb")
+
+
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "n/a"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def write_csv(path: Path, records: list, classes: list) -> None:
+    columns = ["method", "k", "seed", "fold", "dice"] + [f"dice_{c}" for c in classes] + list(COST_COLUMNS)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in records:
+            per_class = r.get("dice_per_class", {})
+            writer.writerow([r["method"], r["k"], r["seed"], r["fold"], r["dice"]]
+                            + [per_class.get(c) for c in classes] + [r.get(c) for c in COST_COLUMNS])
+
+
+def markdown(records: list, classes: list, title: str) -> str:
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    ks = sorted({r["k"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    lines = [f"# {title}", "",
+             f"Dice on the shared query set (nnU-Net's evaluation), mean ± std over seeds {seeds}; "
+             f"cost columns are medians over the method's cells.", "",
+             "| method | " + " | ".join(f"K={k}" for k in ks) + " | trainable params | adapter file | "
+             "train time | peak RSS |",
+             "|---|" + "---:|" * (len(ks) + 4)]
+    for m in methods:
+        mine = [r for r in records if r["method"] == m]
+        cells = [_mean_std([r["dice"] for r in mine if r["k"] == k]) for k in ks]
+        params, adapter = _median([r.get("trainable_parameters") for r in mine]), _median(
+            [r.get("adapter_bytes") for r in mine])
+        seconds, rss = _median([r.get("train_seconds") for r in mine]), _median([r.get("peak_rss_mb") for r in mine])
+        lines.append(f"| {m} | " + " | ".join(cells) + f" | {'' if params is None else f'{params:,.0f}'} | "
+                     f"{'' if not adapter else f'{adapter / 1024:,.0f} KB'} | "
+                     f"{'' if seconds is None else f'{seconds:.0f} s'} | {'' if rss is None else f'{rss:,.0f} MB'} |")
+    if len(classes) > 1:
+        lines += ["", "Per class (mean ± std over seeds):", "",
+                  "| method | K | " + " | ".join(classes) + " |", "|---|---:|" + "---:|" * len(classes)]
+        for m in methods:
+            for k in ks:
+                mine = [r for r in records if r["method"] == m and r["k"] == k]
+                lines.append(f"| {m} | {k} | " + " | ".join(
+                    _mean_std([r["dice_per_class"].get(c) for r in mine]) for c in classes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, records: list, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ks = sorted({r["k"] for r in records})
+    for m in dict.fromkeys(r["method"] for r in records):
+        values = [[r["dice"] for r in records if r["method"] == m and r["k"] == k] for k in ks]
+        means = [statistics.mean(v) if v else float("nan") for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        style = {"linestyle": "--"} if m == "zeroshot" else {"marker": "o"}
+        ax.errorbar(ks, means, yerr=stds, label=m, capsize=3, **style)
+    ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("K (labelled support scans)")
+    ax.set_ylabel("Dice on the query set")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_reports(config, dataset_name: str, records: list) -> dict:
+    classes = list(dict.fromkeys(c for r in records for c in r.get("dice_per_class", {})))
+    title = f"{dataset_name}: few-shot adaptation from {config.foundation.parent.name}"
+    out = config.output
+    write_csv(out / "results.csv", records, classes)
+    (out / "results.md").write_text(markdown(records, classes, title))
+    plot(out / "dice_vs_k.png", records, title)
+    return {"records": records, "csv": out / "results.csv", "markdown": out / "results.md",
+            "plot": out / "dice_vs_k.png"}

@@ -1,0 +1,101 @@
+"""Run a benchmark config: prepare the target like the foundation, write the few-shot splits, run every
+missing cell (a progress bar over cells), then write results.csv, results.md and dice_vs_k.png."""
+import json
+import os
+from pathlib import Path
+
+from ..errors import FSEFTError
+from .cells import Cell, collect, count_checkpoint_parameters, model_folder, plugin_environment, train_cell, \
+    zeroshot_cell
+from .config import BenchmarkConfig
+from .report import write_reports
+
+
+def check_methods(config: BenchmarkConfig) -> None:
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    trainers = [config.scratch_trainer if m == "scratch" else m for m in config.methods if m != "zeroshot"]
+    for method in trainers:
+        try:
+            recursive_find_trainer_class_by_name(method)
+        except Exception:  # nnU-Net raises a bare RuntimeError listing nothing useful
+            raise FSEFTError(f"unknown method/trainer '{method}'; use 'zeroshot', 'scratch' or a trainer class "
+                             "such as FSEFTLinearProbeTrainer, FSEFTLoRATrainer, FSEFTDecoderLoRATrainer "
+                             "(README: trainer table)") from None
+
+
+def prepare(config: BenchmarkConfig) -> tuple:
+    """(dataset name, dataset.json, fold table): the target preprocessed with the foundation's plans and
+    split into few-shot folds; both steps are skipped when already done."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from ..data.fewshot import TABLE_FILE, splits_are_ours, write_fewshot_splits
+    from ..planning import prepare_target
+    if not config.checkpoint.is_file():
+        raise FSEFTError(f"foundation checkpoint {config.checkpoint} does not exist; train the foundation first")
+    try:
+        name = maybe_convert_to_dataset_name(config.dataset)
+    except RuntimeError:
+        raise FSEFTError(f"no dataset {config.dataset} in nnUNet_raw; create the target dataset first") from None
+    pre = Path(nnUNet_preprocessed) / name
+    if not (pre / f"{config.plans_name}.json").is_file():
+        prepare_target(name, config.foundation, num_processes=1)
+    table = json.loads((pre / TABLE_FILE).read_text()) if splits_are_ours(str(pre)) else None
+    wanted_query = config.query if isinstance(config.query, int) else json.loads(Path(config.query).read_text())
+    if table is None or not _covers(table, config, wanted_query):
+        query = {"n_query": config.query} if isinstance(config.query, int) else {"query_file": str(config.query)}
+        table = write_fewshot_splits(name, config.ks, config.seeds, target_class=config.target_class, **query)
+    return name, json.loads((pre / "dataset.json").read_text()), table
+
+
+def _covers(table: dict, config: BenchmarkConfig, query) -> bool:
+    same_query = len(table["query"]) == query if isinstance(query, int) else table["query"] == list(query)
+    return same_query and set(config.ks) <= set(table["ks"]) and set(config.seeds) <= set(table["seeds"])
+
+
+def plan_cells(config: BenchmarkConfig, table: dict) -> list:
+    folds = {(f["k"], f["seed"]): f["fold"] for f in table["folds"]}
+    trainers = {"zeroshot": "", "scratch": config.scratch_trainer}
+    return [Cell(m, k, s, folds[(k, s)], trainers.get(m, m))
+            for m in config.methods for k in config.ks for s in config.seeds]
+
+
+def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
+    check_methods(config)
+    env = plugin_environment()
+    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # for the in-process zero-shot / checks
+    name, dataset_json, table = prepare(config)
+    cells_dir, logs = config.output / "cells", config.output / "logs"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    logs.mkdir(exist_ok=True)
+    cells = plan_cells(config, table)
+    records = []
+    from tqdm import tqdm
+    bar = tqdm(cells, desc="benchmark cells", disable=not progress, unit="cell")
+    for cell in bar:
+        bar.set_postfix_str(f"{cell.method} K={cell.k} seed={cell.seed}")
+        record_file = cells_dir / f"{cell.key}.json"
+        if record_file.is_file():
+            records.append(json.loads(record_file.read_text()))
+            continue
+        records.append(_run_cell(config, name, dataset_json, cell, logs / f"{cell.key}.log", env, cells_dir))
+        record_file.write_text(json.dumps(records[-1], indent=2))
+    return write_reports(config, name, records)
+
+
+def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cells_dir: Path) -> dict:
+    base = {"method": cell.method, "k": cell.k, "seed": cell.seed, "fold": cell.fold}
+    if cell.method == "zeroshot":  # one evaluation serves every (K, seed): the query set is shared
+        shared = cells_dir / "zeroshot.json"
+        if not shared.is_file():
+            cost = zeroshot_cell(config, cell.fold, log)
+            fold_dir = model_folder(config, name, "FSEFTZeroShot") / f"fold_{cell.fold}"
+            shared.write_text(json.dumps({**collect(config, dataset_json, fold_dir), **cost,
+                                          "trainable_parameters": 0, "adapter_bytes": 0}))
+        return {**base, **json.loads(shared.read_text())}
+    cost = train_cell(config, name, cell, log, env)
+    fold_dir = model_folder(config, name, cell.trainer) / f"fold_{cell.fold}"
+    record = {**base, **cost, **collect(config, dataset_json, fold_dir)}
+    if record.get("trainable_parameters") is None:  # a stock trainer trains everything
+        record["trainable_parameters"] = count_checkpoint_parameters(fold_dir)
+    return record

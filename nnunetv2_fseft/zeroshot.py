@@ -1,0 +1,138 @@
+"""Zero-shot baseline ("Generalization" in the FSEFT study): the foundation segments the target's classes
+with no training at all.
+
+The foundation's weights go into a stock nnU-Net network with the target's label layout; each target class
+takes the foundation's head channel of the same name (as for the FSEFT trainers). The result is an ordinary
+model folder (trainer_name 'nnUNetTrainer') that nnU-Net's predictor runs on the query cases; nnU-Net's own
+evaluation scores them. Files land where an FSEFT trainer's final validation would put them:
+  nnUNet_results/DatasetT/FSEFTZeroShot__PLANS__CONFIG/fold_F/validation/summary.json
+"""
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from .checkpoints import atomic_write, channel_names, map_heads, read_foundation
+from .errors import FSEFTError
+from .networks import build_plain_network
+
+TRAINER_NAME = "FSEFTZeroShot"
+STOCK_TRAINER = "nnUNetTrainer"
+
+
+def _foundation_files(model_folder: Path, fold) -> tuple:
+    for name in ("plans.json", "dataset.json"):
+        if not (model_folder / name).is_file():
+            raise FSEFTError(f"{model_folder} is not an nnU-Net model folder (no {name}); pass "
+                             "nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG of the foundation")
+    checkpoint = model_folder / f"fold_{fold}" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        raise FSEFTError(f"{checkpoint} does not exist; train the foundation's fold {fold} first or pass "
+                         "--foundation_fold")
+    return json.loads((model_folder / "plans.json").read_text()), checkpoint
+
+
+def _target(target) -> tuple:
+    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        name = maybe_convert_to_dataset_name(target)
+    except RuntimeError:
+        raise FSEFTError(f"no dataset {target} in nnUNet_raw/nnUNet_preprocessed; create it first") from None
+    raw = Path(nnUNet_raw) / name
+    if not (raw / "dataset.json").is_file():
+        raise FSEFTError(f"{raw} has no dataset.json; the target must be an nnU-Net raw dataset")
+    return name, raw, json.loads((raw / "dataset.json").read_text())
+
+
+def query_cases(name: str, raw: Path, dataset_json: dict, fold: int) -> list:
+    """The val cases of `fold` in the target's splits_final.json (the few-shot query set), else every case."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    cases = get_filenames_of_train_images_and_targets(str(raw), dataset_json)
+    splits_file = Path(nnUNet_preprocessed) / name / "splits_final.json"
+    if not splits_file.is_file():
+        return sorted(cases)
+    splits = json.loads(splits_file.read_text())
+    if fold >= len(splits):
+        raise FSEFTError(f"{splits_file} has {len(splits)} folds, no fold {fold}; pass -f 0..{len(splits) - 1}")
+    return list(splits[fold]["val"])
+
+
+def build_zeroshot_model(foundation_folder, target, fold: int = 0, foundation_fold=0,
+                         overwrite: bool = False) -> Path:
+    """Write the zero-shot model folder for TARGET; returns it. Refuses a target with no class of the
+    foundation's, since nothing would be predicted."""
+    from nnunetv2.paths import nnUNet_results
+    foundation_folder = Path(foundation_folder)
+    plans, checkpoint_file = _foundation_files(foundation_folder, foundation_fold)
+    name, _, target_json = _target(target)
+    configuration = foundation_folder.name.split("__")[-1]
+    if configuration not in plans["configurations"]:
+        raise FSEFTError(f"cannot tell the configuration from {foundation_folder.name}; expected "
+                         "TRAINER__PLANS__CONFIG as nnUNetv2_train names its output folders")
+    checkpoint = read_foundation(checkpoint_file)
+    network = build_plain_network(plans, configuration, target_json)
+    state = network.state_dict()
+    pretrained = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
+    for key in state:
+        if ".seg_layers." not in key:
+            if key not in pretrained or pretrained[key].shape != state[key].shape:
+                raise FSEFTError(f"{checkpoint_file} does not match its own plans at '{key}'; "
+                                 "is this the foundation's model folder?")
+            state[key] = pretrained[key]
+    lines = map_heads(state, pretrained, target_json, checkpoint.get("init_args", {}).get("dataset_json"))
+    if not any("<- foundation" in line for line in lines):
+        raise FSEFTError(f"none of {name}'s classes is named like a foundation class ({'; '.join(lines)}); "
+                         "zero-shot needs shared class names: adapt with an FSEFT trainer instead")
+    _silence_unmapped(state, target_json, pretrained, checkpoint)
+    network.load_state_dict(state)
+
+    out = Path(nnUNet_results) / name / f"{TRAINER_NAME}__{plans['plans_name']}__{configuration}"
+    fold_dir = out / f"fold_{fold}"
+    if fold_dir.exists() and not overwrite:
+        raise FSEFTError(f"{fold_dir} exists; pass --overwrite to redo the zero-shot baseline")
+    shutil.rmtree(fold_dir, ignore_errors=True)
+    fold_dir.mkdir(parents=True)
+    (out / "plans.json").write_text(json.dumps(plans, indent=2))
+    (out / "dataset.json").write_text(json.dumps(target_json, indent=2))
+    init_args = dict(checkpoint.get("init_args", {}), dataset_json=target_json, fold=fold)
+    saved = {**checkpoint, "network_weights": network.state_dict(), "optimizer_state": None,
+             "grad_scaler_state": None, "trainer_name": STOCK_TRAINER, "init_args": init_args}
+    atomic_write(fold_dir / "checkpoint_final.pth", lambda tmp: torch.save(saved, tmp))
+    (fold_dir / "zeroshot.log").write_text("\n".join([f"foundation: {checkpoint_file}"] + lines) + "\n")
+    return out
+
+
+def _silence_unmapped(state: dict, target_json: dict, pretrained: dict, checkpoint: dict) -> None:
+    """A target class the foundation never saw is never predicted (weight 0, bias -30), not guessed at random."""
+    foundation_json = checkpoint.get("init_args", {}).get("dataset_json") or {}
+    head = [k for k in state if ".seg_layers." in k]
+    names, _ = channel_names(target_json, state[next(k for k in head if k.endswith("weight"))].shape[0])
+    known, _ = channel_names(foundation_json, pretrained[next(k for k in head if k.endswith("weight"))].shape[0])
+    for index, name in enumerate(names):
+        if name != "background" and name not in (known or []):
+            for key in head:
+                state[key][index] = -30.0 if key.endswith("bias") else 0.0
+
+
+def predict_and_evaluate(model_folder, target, fold: int = 0, device: str = "cpu") -> dict:
+    """nnU-Net's predictor on the query cases, nnU-Net's evaluation against their labels; returns summary.json."""
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder2
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+    model_folder = Path(model_folder)
+    name, raw, dataset_json = _target(target)
+    cases = query_cases(name, raw, dataset_json, fold)
+    files = get_filenames_of_train_images_and_targets(str(raw), dataset_json)
+    out = model_folder / f"fold_{fold}" / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = nnUNetPredictor(device=torch.device(device), perform_everything_on_device=device != "cpu",
+                                allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,))
+    predictor.predict_from_files([files[c]["images"] for c in cases], [str(out / c) for c in cases],
+                                 num_processes_preprocessing=1, num_processes_segmentation_export=1)
+    return compute_metrics_on_folder2(str(raw / "labelsTr"), str(out), str(model_folder / "dataset.json"),
+                                      str(model_folder / "plans.json"), str(out / "summary.json"),
+                                      num_processes=1, chill=True)

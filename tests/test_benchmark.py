@@ -1,0 +1,119 @@
+"""Zero-shot baseline and the benchmark harness, on tiny phantoms through nnU-Net's own commands."""
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from nnunetv2_fseft.benchmark.config import load_config
+from nnunetv2_fseft.benchmark.runner import run_benchmark
+from nnunetv2_fseft.cli import benchmark as benchmark_cli
+from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.planning import plan_with_preset
+from nnunetv2_fseft.synthetic import write_phantom_dataset
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def world(nnunet_env):
+    from nnunetv2.run.run_training import run_training
+    raw = nnunet_env / "raw"
+    write_phantom_dataset(raw, 931, "BFound", ["liver", "spleen"], 6, shape=(24, 24, 24), seed=0)
+    write_phantom_dataset(raw, 932, "BTarget", ["spleen", "pancreas"], 6, shape=(24, 24, 24), seed=1,
+                          intensity_shift=20)
+    plan_with_preset(931, "tiny", num_processes=1)
+    run_training("931", "3d_fullres", 0, "nnUNetTrainer_fseft_pretrain", device=CPU)
+    foundation = nnunet_env / "res" / "Dataset931_BFound" / "nnUNetTrainer_fseft_pretrain__nnUNetPlans__3d_fullres"
+    return {"root": nnunet_env, "foundation": foundation}
+
+
+def _config(world, tmp_path, **extra) -> Path:
+    config = {"dataset": 932, "foundation": str(world["foundation"]), "k": [1, 2], "seeds": [0], "query": 3,
+              "methods": ["zeroshot", "scratch", "FSEFTLinearProbeTrainer_test"],
+              "scratch_trainer": "FSEFTScratchTrainer_test", "output": "out"}
+    config.update(extra)
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def test_zeroshot_keeps_the_foundation_logit_of_a_shared_class_and_never_predicts_a_new_one(world):
+    from nnunetv2_fseft.networks import build_plain_network
+    from nnunetv2_fseft.zeroshot import build_zeroshot_model
+    folder = build_zeroshot_model(world["foundation"], 932, fold=0, overwrite=True)
+    plans = json.loads((folder / "plans.json").read_text())
+    checkpoint = torch.load(folder / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["trainer_name"] == "nnUNetTrainer"  # stock nnU-Net predicts with it
+    foundation_ckpt = torch.load(world["foundation"] / "fold_0" / "checkpoint_final.pth", map_location="cpu",
+                                 weights_only=False)
+    target = build_plain_network(plans, "3d_fullres", json.loads((folder / "dataset.json").read_text())).eval()
+    found = build_plain_network(plans, "3d_fullres", foundation_ckpt["init_args"]["dataset_json"]).eval()
+    target.load_state_dict(checkpoint["network_weights"])
+    found.load_state_dict(foundation_ckpt["network_weights"])
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        t, f = target(x), found(x)
+    # target (background, spleen, pancreas) <- foundation (background, liver, spleen)
+    assert torch.equal(t[:, 0], f[:, 0]) and torch.equal(t[:, 1], f[:, 2])
+    assert (t.argmax(1) != 2).all()  # pancreas: never seen, never predicted
+    assert "'spleen' <- foundation" in (folder / "fold_0" / "zeroshot.log").read_text()
+
+
+def test_zeroshot_refuses_a_target_without_a_shared_class(world):
+    from nnunetv2_fseft.zeroshot import build_zeroshot_model
+    write_phantom_dataset(world["root"] / "raw", 933, "BOther", ["pancreas"], 2, shape=(24, 24, 24), seed=3)
+    with pytest.raises(FSEFTError, match="zero-shot needs shared class names"):
+        build_zeroshot_model(world["foundation"], 933)
+
+
+def test_benchmark_runs_every_cell_through_nnunet_and_resumes(world, tmp_path, capsys):
+    config = load_config(_config(world, tmp_path))
+    result = run_benchmark(config, progress=False)
+    records = result["records"]
+    assert {(r["method"], r["k"]) for r in records} == {(m, k) for m in ("zeroshot", "scratch",
+                                                                         "FSEFTLinearProbeTrainer_test")
+                                                        for k in (1, 2)}
+    # Dice is nnU-Net's own evaluation of the shared query set, per class
+    table = json.loads((world["root"] / "pre" / "Dataset932_BTarget" / "fewshot_splits.json").read_text())
+    for r in records:
+        if r["method"] == "zeroshot":
+            continue
+        trainer = "FSEFTScratchTrainer_test" if r["method"] == "scratch" else r["method"]
+        fold = world["root"] / "res" / "Dataset932_BTarget" / f"{trainer}__nnUNetPlans__3d_fullres" / f"fold_{r['fold']}"
+        summary = json.loads((fold / "validation" / "summary.json").read_text())
+        assert r["dice"] == summary["foreground_mean"]["Dice"]
+        assert set(r["dice_per_class"]) == {"spleen", "pancreas"}
+        assert sorted(p.name[:-7] for p in (fold / "validation").glob("*.nii.gz")) == sorted(table["query"])
+        assert r["train_seconds"] > 0 and r["peak_rss_mb"] > 50
+    probe = [r for r in records if r["method"] == "FSEFTLinearProbeTrainer_test"]
+    scratch = [r for r in records if r["method"] == "scratch"]
+    assert 0 < probe[0]["trainable_parameters"] < scratch[0]["trainable_parameters"]
+    assert 0 < probe[0]["adapter_bytes"] < probe[0]["checkpoint_bytes"] / 10
+    for name in ("results.csv", "results.md", "dice_vs_k.png"):
+        assert (config.output / name).stat().st_size > 0
+    assert "| FSEFTLinearProbeTrainer_test |" in (config.output / "results.md").read_text()
+
+    # a re-run trains nothing and reports the same numbers
+    mtimes = {p: p.stat().st_mtime for p in (world["root"] / "res").rglob("checkpoint_final.pth")}
+    again = run_benchmark(config, progress=False)
+    assert again["records"] == records
+    assert mtimes == {p: p.stat().st_mtime for p in (world["root"] / "res").rglob("checkpoint_final.pth")}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"methods": ["FSEFTNoSuchTrainer"]}, "unknown method/trainer 'FSEFTNoSuchTrainer'"),
+    ({"k": [0]}, "k must be shot counts >= 1"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"foundation": "/nonexistent/A__B__3d_fullres"}, "foundation checkpoint .* does not exist"),
+])
+def test_benchmark_bad_config_gives_one_line(world, tmp_path, capsys, change, message):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark_cli.main([str(_config(world, tmp_path, **change)), "--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    import re
+    assert re.search(message, err), err
