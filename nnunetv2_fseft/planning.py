@@ -26,17 +26,40 @@ def load_preset(name: str) -> dict:
 
 
 def apply_preset(plans: dict, preset: dict) -> dict:
-    """Narrow the planned networks as the preset says (features, batch size); other fields stay nnU-Net's."""
-    for config in plans["configurations"].values():
+    """Adjust the planned configurations as the preset says; every other field stays nnU-Net's.
+
+    features_per_stage / batch_size: all configurations. patch_size / normalization: 3d_fullres, whose
+    topology (stages, strides, kernels) is then re-derived for that patch by nnU-Net's own
+    get_pool_and_conv_props, as its planner does. spacing is applied earlier, by nnU-Net's planner."""
+    for name, config in plans["configurations"].items():
         if "architecture" not in config:  # inherits_from another configuration
             continue
         kwargs = config["architecture"]["arch_kwargs"]
+        if name == "3d_fullres" and "patch_size" in preset:
+            _fix_patch(config, preset["patch_size"])
+        if name == "3d_fullres" and "normalization" in preset:
+            config["normalization_schemes"] = [preset["normalization"]] * len(config["normalization_schemes"])
+            config["use_mask_for_norm"] = [False] * len(config["use_mask_for_norm"])
         if "features_per_stage" in preset:
             base, cap = preset["features_per_stage"]["base"], preset["features_per_stage"]["max"]
             kwargs["features_per_stage"] = [min(base * 2 ** i, cap) for i in range(kwargs["n_stages"])]
         if "batch_size" in preset:
             config["batch_size"] = preset["batch_size"]
     return plans
+
+
+def _fix_patch(config: dict, patch_size) -> None:
+    """A fixed patch, with the topology nnU-Net's planner would choose for it at this spacing."""
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    kwargs = config["architecture"]["arch_kwargs"]
+    _, strides, kernels, patch, _ = get_pool_and_conv_props(config["spacing"], list(patch_size), 4, 999999)
+    n = len(strides)
+    blocks, blocks_decoder = kwargs["n_conv_per_stage"][0], kwargs["n_conv_per_stage_decoder"][0]
+    old_features = kwargs["features_per_stage"]
+    kwargs.update(n_stages=n, strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
+                  n_conv_per_stage=[blocks] * n, n_conv_per_stage_decoder=[blocks_decoder] * (n - 1),
+                  features_per_stage=[min(old_features[0] * 2 ** i, max(old_features)) for i in range(n)])
+    config["patch_size"] = [int(p) for p in patch]
 
 
 def _dataset_name(dataset) -> str:
@@ -100,8 +123,10 @@ def plan_with_preset(dataset, preset_name: str, configurations=("3d_fullres",), 
     _require_free(plans_file, overwrite)
     with _nnunet_step("dataset check", name):
         extract_fingerprints([dataset_id], num_processes=num_processes, check_dataset_integrity=True)
+    spacing = preset.get("spacing")
     with _planner_threads():
-        plan_experiments([dataset_id], overwrite_plans_name=plans_name)
+        plan_experiments([dataset_id], overwrite_plans_name=plans_name,
+                         overwrite_target_spacing=tuple(spacing) if spacing else None)
     plans = apply_preset(json.loads(plans_file.read_text()), preset)
     plans_file.write_text(json.dumps(plans, indent=2))
     preprocess([dataset_id], plans_identifier=plans_name, configurations=list(configurations),

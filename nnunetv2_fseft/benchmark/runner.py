@@ -43,9 +43,20 @@ def prepare(config: BenchmarkConfig) -> tuple:
     table = json.loads((pre / TABLE_FILE).read_text()) if splits_are_ours(str(pre)) else None
     wanted_query = config.query if isinstance(config.query, int) else json.loads(Path(config.query).read_text())
     if table is None or not _covers(table, config, wanted_query):
+        _refuse_stale_folds(name)
         query = {"n_query": config.query} if isinstance(config.query, int) else {"query_file": str(config.query)}
         table = write_fewshot_splits(name, config.ks, config.seeds, target_class=config.target_class, **query)
     return name, json.loads((pre / "dataset.json").read_text()), table
+
+
+def _refuse_stale_folds(name: str) -> None:
+    """New splits renumber the folds: a trained fold_X would then be read as another (K, seed)."""
+    from nnunetv2.paths import nnUNet_results
+    stale = sorted(str(p) for p in (Path(nnUNet_results) / name).glob("*/fold_*"))
+    if stale:
+        raise FSEFTError(f"the config needs new few-shot splits for {name}, but models trained on its current "
+                         f"splits exist (e.g. {stale[0]}); move nnUNet_results/{name} away, or keep the config's "
+                         "k/seeds/query within the splits of fewshot_splits.json")
 
 
 def _covers(table: dict, config: BenchmarkConfig, query) -> bool:
