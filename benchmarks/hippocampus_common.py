@@ -55,3 +55,62 @@ def posterior_foundation(work: Path) -> Path:
              FOUNDATION_TRAINER, "-device", "cpu"], work / "log.txt")
     print(f"foundation trained in {t:.0f} s", flush=True)
     return folder
+
+
+# ---------------------------------------------------------------------------------- protocol 1: shifted domain
+SHIFT = {"gamma": 0.6, "contrast": 0.7, "slice_spacing_mm": 2.0}
+SHIFT_DOC = ("scanner B: intensities gamma 0.6 and 0.7x contrast (on the case's min-max range), and 2 mm slices "
+             "along the first image axis (linear resampling of the image, nearest neighbour for the label) instead "
+             "of 1 mm")
+
+
+def shifted_dataset(cases, dataset_id: int, name: str) -> Path:
+    """A target 'from another scanner' built from `cases` of the source dataset (all labels kept). The source
+    is only read; the new dataset is written to $nnUNet_raw."""
+    import SimpleITK as sitk
+    import numpy as np
+    out = Path(os.environ["nnUNet_raw"]) / f"Dataset{dataset_id:03d}_{name}"
+    if (out / "dataset.json").is_file():
+        return out
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(parents=True, exist_ok=True)
+    for case in cases:
+        image = sitk.ReadImage(str(SOURCE / "imagesTr" / f"{case}_0000.nii.gz"), sitk.sitkFloat32)
+        label = sitk.ReadImage(str(SOURCE / "labelsTr" / f"{case}.nii.gz"))
+        a = sitk.GetArrayFromImage(image)
+        lo, hi = float(a.min()), float(a.max())
+        u = (a - lo) / max(hi - lo, 1e-6)
+        shifted = sitk.GetImageFromArray((lo + (hi - lo) * SHIFT["contrast"] * u ** SHIFT["gamma"]).astype(np.float32))
+        shifted.CopyInformation(image)
+        spacing = list(image.GetSpacing())
+        spacing[0] = SHIFT["slice_spacing_mm"]  # SimpleITK axis 0 = the array's last axis
+        size = [int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
+
+        def resample(img, interpolator):
+            return sitk.Resample(img, size, sitk.Transform(), interpolator, img.GetOrigin(), spacing,
+                                 img.GetDirection(), 0, img.GetPixelID())
+        sitk.WriteImage(resample(shifted, sitk.sitkLinear), str(out / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(resample(label, sitk.sitkNearestNeighbor), str(out / "labelsTr" / f"{case}.nii.gz"))
+    source = json.loads((SOURCE / "dataset.json").read_text())
+    (out / "dataset.json").write_text(json.dumps({
+        "channel_names": source["channel_names"], "labels": source["labels"], "numTraining": len(cases),
+        "file_ending": ".nii.gz", "name": name, "description": f"hippocampus cases, {SHIFT_DOC}"}, indent=2))
+    return out
+
+
+def both_classes_foundation(work: Path) -> Path:
+    """Protocol 1's foundation: stock nnU-Net on split 'B' with both labels, tiny preset, 1,000 iterations."""
+    from nnunetv2_fseft.data.convert import relabel_dataset
+    from nnunetv2_fseft.planning import plan_with_preset
+    folder = work / "res" / "Dataset108_HippoBoth" / f"{FOUNDATION_TRAINER}__nnUNetPlans__3d_fullres"
+    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+        return folder
+    relabel_dataset(SOURCE, 108, "HippoBoth", {"Anterior": ["Anterior"], "Posterior": ["Posterior"]},
+                    overwrite=True)
+    plan_with_preset(108, "tiny", overwrite=True)
+    splits = [{"train": SPLIT["B"], "val": SPLIT["A"][:5]}]
+    (work / "pre" / "Dataset108_HippoBoth" / "splits_final.json").write_text(json.dumps(splits))
+    t = run([str(Path(sys.executable).parent / "nnUNetv2_train"), "108", "3d_fullres", "0", "-tr",
+             FOUNDATION_TRAINER, "-device", "cpu"], work / "log.txt")
+    print(f"foundation (both classes) trained in {t:.0f} s", flush=True)
+    return folder
