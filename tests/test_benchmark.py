@@ -1,7 +1,5 @@
 """Zero-shot baseline and the benchmark harness, on tiny phantoms through nnU-Net's own commands."""
 import json
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,23 +9,15 @@ from nnunetv2_fseft.benchmark.config import load_config
 from nnunetv2_fseft.benchmark.runner import run_benchmark
 from nnunetv2_fseft.cli import benchmark as benchmark_cli
 from nnunetv2_fseft.errors import FSEFTError
-from nnunetv2_fseft.planning import plan_with_preset
 from nnunetv2_fseft.synthetic import write_phantom_dataset
+from phantom_world import foundation_and_target
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def world(nnunet_env):
-    from nnunetv2.run.run_training import run_training
-    raw = nnunet_env / "raw"
-    write_phantom_dataset(raw, 931, "BFound", ["liver", "spleen"], 6, shape=(24, 24, 24), seed=0)
-    write_phantom_dataset(raw, 932, "BTarget", ["spleen", "pancreas"], 6, shape=(24, 24, 24), seed=1,
-                          intensity_shift=20)
-    plan_with_preset(931, "tiny", num_processes=1)
-    run_training("931", "3d_fullres", 0, "nnUNetTrainer_fseft_pretrain", device=CPU)
-    foundation = nnunet_env / "res" / "Dataset931_BFound" / "nnUNetTrainer_fseft_pretrain__nnUNetPlans__3d_fullres"
-    return {"root": nnunet_env, "foundation": foundation}
+    return {"root": nnunet_env, "foundation": foundation_and_target(nnunet_env, 931, 932, prefix="B")}
 
 
 def _config(world, tmp_path, **extra) -> Path:

@@ -1,6 +1,5 @@
 """Issue 2 end to end on tiny phantoms: stock pre-training -> every FSEFT trainer with -pretrained_weights ->
 prediction -> merged / adapter export -> stock prediction gives the same labels."""
-import json
 import os
 import shutil
 import subprocess
@@ -16,8 +15,8 @@ from nnunetv2_fseft.checkpoints import read_adapter
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.export import apply_adapter, export_model
 from nnunetv2_fseft.peft import METHODS
-from nnunetv2_fseft.planning import plan_with_preset, prepare_target
-from nnunetv2_fseft.synthetic import write_phantom_dataset
+from nnunetv2_fseft.planning import prepare_target
+from phantom_world import foundation_and_target, model_folder as _model_folder
 
 FSEFT = ["FSEFTFullFTTrainer", "FSEFTFTLastTrainer", "FSEFTDecoderTrainer", "FSEFTLinearProbeTrainer",
          "FSEFTSpatialAdapterTrainer", "FSEFTBitFitTrainer", "FSEFTAffineNormTrainer", "FSEFTCNNAdapterTrainer",
@@ -28,20 +27,11 @@ CPU = torch.device("cpu")
 BIN = Path(sys.executable).parent
 
 
-def _model_folder(root, dataset, trainer):
-    return Path(root) / "res" / dataset / f"{trainer}__nnUNetPlans__3d_fullres"
-
-
 @pytest.fixture(scope="module")
 def world(nnunet_env):
     from nnunetv2.run.run_training import run_training
     raw = nnunet_env / "raw"
-    write_phantom_dataset(raw, 901, "Found", ["liver", "spleen"], 6, shape=(24, 24, 24), seed=0)
-    write_phantom_dataset(raw, 902, "Target", ["spleen", "pancreas"], 6, shape=(24, 24, 24), seed=1,
-                          intensity_shift=20)
-    plan_with_preset(901, "tiny", num_processes=1)
-    run_training("901", "3d_fullres", 0, "nnUNetTrainer_fseft_pretrain", device=CPU)
-    foundation = _model_folder(nnunet_env, "Dataset901_Found", "nnUNetTrainer_fseft_pretrain")
+    foundation = foundation_and_target(nnunet_env, 901, 902)
     prepare_target(902, foundation, num_processes=1)
     for trainer in FSEFT:
         run_training("902", "3d_fullres", 0, f"{trainer}_testnoval", device=CPU,

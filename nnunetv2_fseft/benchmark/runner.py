@@ -42,6 +42,8 @@ def prepare(config: BenchmarkConfig) -> tuple:
         prepare_target(name, config.foundation, num_processes=1)
     table = json.loads((pre / TABLE_FILE).read_text()) if splits_are_ours(str(pre)) else None
     wanted_query = config.query if isinstance(config.query, int) else json.loads(Path(config.query).read_text())
+    if isinstance(wanted_query, dict):  # an earlier fewshot_splits.json used as the query file
+        wanted_query = wanted_query.get("query", [])
     if table is None or not _covers(table, config, wanted_query):
         _refuse_stale_folds(name)
         query = {"n_query": config.query} if isinstance(config.query, int) else {"query_file": str(config.query)}
@@ -72,9 +74,9 @@ def plan_cells(config: BenchmarkConfig, table: dict) -> list:
 
 
 def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
-    check_methods(config)
     env = plugin_environment()
-    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # for the in-process zero-shot / checks
+    os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # for the in-process checks and zero-shot
+    check_methods(config)
     name, dataset_json, table = prepare(config)
     cells_dir, logs = config.output / "cells", config.output / "logs"
     cells_dir.mkdir(parents=True, exist_ok=True)
