@@ -78,3 +78,13 @@ class FSEFTScratchTrainer(nnUNetTrainer):
         self.num_epochs = self.epochs
         self.num_iterations_per_epoch = self.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+
+
+class FSEFTLinearProbeNoCacheTrainer(FSEFTLinearProbeTrainer):
+    """The linear probe through the whole frozen network every step (no feature cache), for comparison."""
+    use_feature_cache = False
+
+
+class FSEFTSpatialAdapterNoCacheTrainer(FSEFTSpatialAdapterTrainer):
+    """The spatial adapter through the whole frozen network every step (no feature cache), for comparison."""
+    use_feature_cache = False

@@ -12,6 +12,7 @@ from torch._dynamo import OptimizedModule
 
 from ..checkpoints import atomic_write, load_foundation, save_adapter, sha256
 from ..errors import FSEFTError, fail
+from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
 from ..peft import apply_peft, count_parameters, get_method, resolved_options
 
 ADAPTER_FORMAT = "nnunetv2_fseft.adapter/1"
@@ -26,6 +27,13 @@ class FSEFTTrainer(nnUNetTrainer):
     epochs = 20
     iterations_per_epoch = 50
     val_iterations_per_epoch = 10
+    # black-box methods (only the final head trains) train on cached frozen-trunk features; docs/cost.md
+    use_feature_cache = True
+    feature_pool_size = 100           # samples (augmented patches) kept in the pool
+    feature_refresh_every = 10        # once full, encode a fresh augmented batch every N steps (0: never)
+    feature_pool_memory_mb = 2048     # past this, pool samples go to a temporary folder in output_folder
+    feature_dtype = torch.float16
+    feature_cache = None              # the FeatureCache while training, when used
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -92,6 +100,41 @@ class FSEFTTrainer(nnUNetTrainer):
         if not self._foundation_file().is_file() and self.peft_method != "full":
             self.print_to_log_file(f"WARNING: no -pretrained_weights given: '{self.peft_method}' adapts a randomly "
                                    "initialised network. Pass the foundation's checkpoint_final.pth.")
+        self._start_feature_cache()
+
+    def _amp(self):
+        from torch import autocast
+        from nnunetv2.utilities.helpers import dummy_context
+        return autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()
+
+    def _start_feature_cache(self) -> None:
+        network = self.plain_network()
+        if not self.use_feature_cache or self.enable_deep_supervision or not is_black_box(network):
+            return
+        pool = FeaturePool(self.feature_pool_size, self.feature_dtype, self.feature_pool_memory_mb * 2 ** 20,
+                           spill_dir=self.output_folder)
+        self.feature_cache = FeatureCache(pool, self.feature_refresh_every)
+        self.dataloader_train = LazyBatches(self.dataloader_train)
+        self.print_to_log_file(f"feature cache: pool of {self.feature_pool_size} samples ({self.feature_dtype}), "
+                               f"refresh every {self.feature_refresh_every} steps once full")
+
+    def train_step(self, batch: dict) -> dict:
+        if self.feature_cache is None:
+            return super().train_step(batch.load() if isinstance(batch, LazyBatch) else batch)
+        features, target = self.feature_cache.batch_for_step(self.plain_network(), batch, self.batch_size,
+                                                             self.device, self._amp)
+        return head_train_step(self, features, target, self._amp)
+
+    def on_train_end(self):
+        if isinstance(self.dataloader_train, LazyBatches):  # nnU-Net shuts its own dataloader down
+            self.dataloader_train = self.dataloader_train.loader
+        if self.feature_cache is not None:
+            c = self.feature_cache
+            self.print_to_log_file(f"feature cache: {c.encoded_batches} trunk passes in {c.steps} steps "
+                                   f"({c.encode_seconds:.1f} s), {c.pool.spilled} samples spilled to disk")
+            c.close()
+            self.feature_cache = None
+        super().on_train_end()
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
