@@ -6,7 +6,8 @@
 
 The default data are synthetic CT-like phantoms (nnunetv2_fseft.synthetic): two partially labelled "public
 datasets" (A: liver + spleen, B: liver + kidneys) make the foundation; the target comes from another "scanner"
-(organ intensities shifted) and labels the pancreas, which no foundation dataset annotates. With `data=` the same
+(organ intensities shifted) and labels the liver (a class the foundation knows, in a new domain) and the
+pancreas (a structure no foundation dataset annotates): the FSEFT study's two scenarios, reported per class. With `data=` the same
 story runs on the user's own raw datasets.
 
 Training and prediction run as nnU-Net's console scripts (nnUNetv2_train, nnUNetv2_predict) in subprocesses whose
@@ -24,7 +25,7 @@ import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
@@ -46,13 +47,14 @@ METHODS = (
     ("full fine-tuning", "FSEFTFullFTTrainer"),
 )
 SCRATCH = ("from scratch (nnU-Net)", "nnUNetTrainer")
-QUICK_METHODS = ("FSEFTLinearProbeTrainer", "FSEFTLoRATrainer")
+DEFAULT_METHODS = ("FSEFTLinearProbeTrainer", "FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer")
+QUICK_METHODS = ("FSEFTLinearProbeTrainer", "FSEFTDecoderLoRATrainer")
 
 # the synthetic story: (id, name, annotated organs, seed, organ intensity shift in HU)
 SOURCES = ((501, "PhantomLiverSpleen", ("liver", "spleen"), 1, 0.0),
            (502, "PhantomLiverKidneys", ("liver", "kidney_left", "kidney_right"), 2, 0.0))
 FOUNDATION = (510, "PhantomFoundation")
-TARGET = (520, "PhantomPancreasScannerB", ("pancreas",), 3, 40.0)
+TARGET = (520, "PhantomScannerB", ("liver", "pancreas"), 3, 40.0)
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,7 @@ class Settings:
 def default_settings(quick: bool = False, data=None, preset: str = PRESET) -> Settings:
     if quick:
         return Settings("demoquick", 6, 8, 3, (1, 5), QUICK_METHODS, True, data, preset)
-    return Settings("demo", 12, 15, 10, (1, 5), tuple(t for _, t in METHODS), True, data, preset)
+    return Settings("demo", 12, 11, 6, (1, 5), DEFAULT_METHODS, True, data, preset)
 
 
 # ---------------------------------------------------------------------------------------------- work dir
@@ -186,8 +188,18 @@ class Progress:
 
     def __init__(self, stream=None):
         self.t0 = time.monotonic()
-        self.stream = stream or sys.stdout
+        self.own_stream = None
+        if stream is None:
+            try:  # a copy of stdout's file descriptor: steps that redirect fd 1 to their log do not swallow it
+                stream = self.own_stream = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+            except (AttributeError, OSError, ValueError):  # stdout without a file descriptor (captured)
+                stream = sys.stdout
+        self.stream = stream
         self.lock = threading.Lock()
+
+    def close(self) -> None:
+        if self.own_stream is not None:
+            self.own_stream.close()
 
     def line(self, step: str, text: str) -> None:
         elapsed = int(time.monotonic() - self.t0)
@@ -441,7 +453,10 @@ def evaluate(pred_folder: Path, labels: Path, dataset_json: dict, plans_file: Pa
     summary = compute_metrics_on_folder(str(labels), str(pred_folder), str(pred_folder / "summary.json"), reader,
                                         dataset_json["file_ending"], regions, label_manager.ignore_label,
                                         num_processes=1, chill=False)
-    return {"dice": summary["foreground_mean"]["Dice"], "n_query": len(summary["metric_per_case"])}
+    names = {str(tuple(v) if isinstance(v, list) else v): k for k, v in dataset_json["labels"].items()
+             if k not in ("background", "ignore")}
+    return {"dice": summary["foreground_mean"]["Dice"], "n_query": len(summary["metric_per_case"]),
+            "dice_per_class": {names.get(str(label), str(label)): m["Dice"] for label, m in summary["mean"].items()}}
 
 
 def saved_parameters(fold_folder: Path) -> Tuple[int, int, str]:
@@ -481,7 +496,7 @@ class Run:
     trainer: str         # full class name, with the schedule suffix
     k: int
     fold: int
-    pretrained: bool
+    pretrained: bool     # False: the from-scratch baseline, which does not wait for the foundation
 
     @property
     def step(self) -> str:
@@ -489,13 +504,14 @@ class Run:
 
 
 def plan_runs(settings: Settings, folds: List[dict]) -> List[Run]:
+    """One run per (method, K), in table order: methods as listed, the baseline last, K ascending."""
     names = dict((t, m) for m, t in METHODS)
     runs = []
-    for f in folds:
-        for trainer in settings.trainers:
-            runs.append(Run(names.get(trainer, trainer), f"{trainer}_{settings.schedule}", f["k"], f["fold"], True))
-        if settings.scratch:
-            runs.append(Run(SCRATCH[0], f"{SCRATCH[1]}_{settings.schedule}", f["k"], f["fold"], False))
+    for trainer in settings.trainers:
+        runs += [Run(names.get(trainer, trainer), f"{trainer}_{settings.schedule}", f["k"], f["fold"], True)
+                 for f in folds]
+    if settings.scratch:
+        runs += [Run(SCRATCH[0], f"{SCRATCH[1]}_{settings.schedule}", f["k"], f["fold"], False) for f in folds]
     return runs
 
 
@@ -523,40 +539,62 @@ def adapt_and_score(wd: Workdir, run: Run, target: dict, checkpoint: Path, env: 
             "train_s": round(train_s, 1), "predict_s": round(predict_s, 1)}
 
 
-def run_all(wd: Workdir, runs: List[Run], target: dict, checkpoint: Path, env: dict, query, jobs: int,
-            progress: Progress) -> List[dict]:
-    """The adaptation runs, `jobs` at a time; finished runs (a record in steps/) are reused."""
-    records, todo = {}, []
-    for run in runs:
-        record = done(wd, run.step)
-        if record is not None:
-            records[run.step] = record
-            progress.line(f"{run.method} K={run.k}", f"Dice {record['dice']:.3f} (done earlier)")
-        else:
-            todo.append(run)
-    failure = []
+class Lanes:
+    """Runs steps `jobs` at a time in threads; the first failure stops new work and is raised by wait()."""
 
-    def one(run: Run):
-        if failure:
-            return
+    def __init__(self, jobs: int):
+        self.pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+        self.failures: List[BaseException] = []
+
+    def submit(self, function, *args):
+        def guarded():
+            if self.failures:
+                return None
+            try:
+                return function(*args)
+            except BaseException as e:  # FSEFTError, or a bug: re-raised in the main thread
+                self.failures.append(e)
+                return None
+        return self.pool.submit(guarded)
+
+    def wait(self, futures) -> list:
+        results = [f.result() for f in futures]
+        if self.failures:
+            raise self.failures[0]
+        return results
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+def adaptation_step(wd: Workdir, run: Run, target: dict, checkpoint: Path, env: dict, query,
+                    progress: Progress) -> dict:
+    """One (method, K) run, or its record from an earlier demo run."""
+    label = f"{run.method} K={run.k}"
+    record = done(wd, run.step)
+    if record is not None:
+        progress.line(label, f"Dice {record['dice']:.3f} (done earlier)")
+        return record
+    record = save_record(wd, run.step, adapt_and_score(wd, run, target, checkpoint, env, query))
+    per_class = record.get("dice_per_class", {})
+    detail = f" ({', '.join(f'{c} {d:.2f}' for c, d in per_class.items())})" if len(per_class) > 1 else ""
+    progress.line(label, f"Dice {record['dice']:.3f}{detail}  {record['trainable_parameters']:,} trained params  "
+                         f"(train {record['train_s']:.0f} s, predict {record['predict_s']:.0f} s)")
+    return record
+
+
+def wait_for_plans(model_folder: Path, pretraining) -> None:
+    """The foundation's plans.json and dataset.json appear when its training starts (nnU-Net's on_train_start)."""
+    while True:
         try:
-            record = save_record(wd, run.step, adapt_and_score(wd, run, target, checkpoint, run_env, query))
-        except FSEFTError as e:
-            failure.append(e)
+            for name in ("plans.json", "dataset.json"):
+                json.loads((model_folder / name).read_text())
             return
-        records[run.step] = record
-        progress.line(f"{run.method} K={run.k}",
-                      f"Dice {record['dice']:.3f}  {record['trainable_parameters']:,} trained params  "
-                      f"(train {record['train_s']:.0f} s, predict {record['predict_s']:.0f} s)")
-
-    run_env = env
-    if jobs > 1:  # read by the demo trainers: share the cores instead of each run taking all of them
-        run_env = {**env, THREADS_VARIABLE: str(max(1, (os.cpu_count() or 1) // jobs))}
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, todo))
-    if failure:
-        raise failure[0]
-    return [records[r.step] for r in runs]
+        except (OSError, ValueError):
+            if pretraining.done():  # failed (its own error is raised first by Lanes.wait) or files removed
+                raise FSEFTError(f"the foundation's plans.json/dataset.json are missing from {model_folder}; "
+                                 "rerun with --overwrite")
+            time.sleep(1)
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -569,32 +607,41 @@ def _size(n: int) -> str:
 
 
 def results_table(records: List[dict]) -> str:
-    """Markdown table, one row per (method, K)."""
-    header = ("| method | trainer | K | Dice (query) | trainable params | saved file | train (s) | predict (s) |\n"
-              "|---|---|---:|---:|---:|---|---:|---:|")
-    rows = [f"| {r['method']} | {r['trainer']} | {r['k']} | {r['dice']:.3f} | {r['trainable_parameters']:,} | "
-            f"{_size(r['file_bytes'])} ({r['file']}) | {r['train_s']:.0f} | {r['predict_s']:.0f} |" for r in records]
+    """Markdown table, one row per (method, K); a Dice column per class when the target has several."""
+    classes = list(dict.fromkeys(c for r in records for c in r.get("dice_per_class", {})))
+    classes = classes if len(classes) > 1 else []
+    header = ("| method | trainer | K | Dice (query) | " + "".join(f"{c} | " for c in classes)
+              + "trainable params | saved file | train (s) | predict (s) |\n"
+              "|---|---|---:|---:|" + "---:|" * len(classes) + "---:|---|---:|---:|")
+    rows = [f"| {r['method']} | {r['trainer']} | {r['k']} | {r['dice']:.3f} | "
+            + "".join(f"{r['dice_per_class'].get(c, float('nan')):.3f} | " for c in classes)
+            + f"{r['trainable_parameters']:,} | {_size(r['file_bytes'])} ({r['file']}) | {r['train_s']:.0f} | "
+            f"{r['predict_s']:.0f} |" for r in records]
     return "\n".join([header, *rows])
 
 
 def plot(records: List[dict], path: Path, title: str) -> Path:
+    """Dice vs K per method: one panel per target class when there are several, else the mean."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    methods = list(dict.fromkeys(r["method"] for r in records))
-    for method in methods:
-        points = sorted((r["k"], r["dice"]) for r in records if r["method"] == method)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
-                linestyle="--" if method == SCRATCH[0] else "-", label=method)
+    classes = list(dict.fromkeys(c for r in records for c in r.get("dice_per_class", {})))
+    panels = classes if len(classes) > 1 else [None]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), dpi=120, squeeze=False)
     ks = sorted({r["k"] for r in records})
-    ax.set_xticks(ks)
-    ax.set_xlabel("K (support cases)")
-    ax.set_ylabel("Dice on the query cases")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    for ax, cls in zip(axes[0], panels):
+        for method in dict.fromkeys(r["method"] for r in records):
+            points = sorted((r["k"], r["dice"] if cls is None else r["dice_per_class"].get(cls, float("nan")))
+                            for r in records if r["method"] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                    linestyle="--" if method == SCRATCH[0] else "-", label=method)
+        ax.set_xticks(ks)
+        ax.set_xlabel("K (support cases)")
+        ax.set_ylabel("Dice on the query cases" + ("" if cls is None else f": {cls}"))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -634,11 +681,14 @@ def run_demo(workdir="fseft_demo", quick: bool = False, data=None, overwrite: bo
     """The whole story; returns {'table', 'markdown', 'plot', 'records', 'total_s'}."""
     settings = default_settings(quick, data, preset)
     user_raw = user_raw_folder() if data is not None else None
-    progress = Progress(stream)
     wd = open_workdir(workdir, settings, overwrite)
     env = nnunet_env(wd)
-    with environment(env):  # for the steps that run in this process
-        return _story(wd, settings, env, user_raw, jobs, progress)
+    progress = Progress(stream)
+    try:
+        with environment(env):  # for the steps that run in this process
+            return _story(wd, settings, env, user_raw, jobs, progress)
+    finally:
+        progress.close()
 
 
 @contextlib.contextmanager
@@ -683,34 +733,80 @@ def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], 
     model_folder = foundation_folder(wd, foundation["dataset"], settings)
     trainer = f"MultiTalentTrainer_{settings.schedule}"
     checkpoint = model_folder / f"fold_{FOUNDATION_FOLD}" / "checkpoint_final.pth"
-    record = done(wd, "pretrain")
-    if record is None:
-        epochs, iterations, _ = SCHEDULES[settings.schedule]["pretrain"]
-        progress.line("pretrain", f"{trainer}: {epochs} x {iterations} iterations, partial-label loss "
-                                  f"(log: {wd.log('pretrain')})")
-        seconds = run_command(wd, "pretrain", [console_script("nnUNetv2_train"), foundation["dataset"], CONFIGURATION,
-                                               str(FOUNDATION_FOLD), "-tr", trainer, "-p", PLANS, "-device", "cpu"], env)
-        record = save_record(wd, "pretrain", {"trainer": trainer, "checkpoint": str(checkpoint), "seconds": seconds,
-                                              "scores": foundation_scores(model_folder)})
-        suffix = f"({seconds:.0f} s)"
-    else:
-        suffix = "(done earlier)"
-    scores = ", ".join(f"{k} {v:.2f}" for k, v in record["scores"].items() if v is not None) or "n/a"
-    progress.line("pretrain", f"foundation ready; held-out Dice {scores} {suffix}")
+    # with several lanes each training takes its share of the cores (read by the demo trainers)
+    train_env = {**env, THREADS_VARIABLE: str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else env
 
-    target = step("target", prepare, wd, settings, data_record["target"], model_folder, describe=lambda r: (
-        f"{r['dataset']} preprocessed with the foundation's plans; "
-        + ", ".join("fold %d = K=%d" % (f["fold"], f["k"]) for f in r["folds"]) + f"; {len(r['query'])} query cases"))
-    query = link_query(wd, target["dataset"], target["query"])
-    runs = plan_runs(settings, target["folds"])
-    progress.line("adapt", f"{len(runs)} runs (nnUNetv2_train -pretrained_weights ..., then nnUNetv2_predict), "
-                           f"{jobs} at a time")
-    records = run_all(wd, runs, target, checkpoint, env, query, jobs, progress)
+    def pretrain() -> dict:
+        record = done(wd, "pretrain")
+        if record is None:
+            epochs, iterations, _ = SCHEDULES[settings.schedule]["pretrain"]
+            progress.line("pretrain", f"{trainer}: {epochs} x {iterations} iterations, partial-label loss "
+                                      f"(log: {wd.log('pretrain')})")
+            seconds = run_command(wd, "pretrain", [console_script("nnUNetv2_train"), foundation["dataset"],
+                                                   CONFIGURATION, str(FOUNDATION_FOLD), "-tr", trainer, "-p", PLANS,
+                                                   "-device", "cpu"], train_env)
+            record = save_record(wd, "pretrain", {"trainer": trainer, "checkpoint": str(checkpoint),
+                                                  "seconds": seconds, "scores": foundation_scores(model_folder)})
+            suffix = f"({seconds:.0f} s)"
+        else:
+            suffix = "(done earlier)"
+        scores = ", ".join(f"{k} {v:.2f}" for k, v in record["scores"].items() if v is not None) or "n/a"
+        progress.line("pretrain", f"foundation ready; held-out Dice {scores} {suffix}")
+        return record
+
+    def prepare_and_baseline(pretraining) -> tuple:
+        """Meanwhile: the target needs only the foundation's plans, the from-scratch baseline not even its weights."""
+        wait_for_plans(model_folder, pretraining)
+        target = step("target", prepare, wd, settings, data_record["target"], model_folder, describe=lambda r: (
+            f"{r['dataset']} preprocessed with the foundation's plans; "
+            + ", ".join("fold %d = K=%d" % (f["fold"], f["k"]) for f in r["folds"])
+            + f"; {len(r['query'])} query cases"))
+        query = link_query(wd, target["dataset"], target["query"])
+        runs = plan_runs(settings, target["folds"])
+        baseline = [r for r in runs if not r.pretrained]
+        if baseline:
+            progress.line("baseline", f"{len(baseline)} from-scratch runs alongside the pre-training")
+        records = [adaptation_step(wd, r, target, checkpoint, train_env, query, progress) for r in baseline]
+        return target, query, runs, dict(zip((r.step for r in baseline), records))
+
+    lanes = Lanes(jobs)
+    try:
+        if jobs > 1:  # two lanes: pre-training || (target, baseline runs)
+            pretraining = lanes.submit(pretrain)
+            side = lanes.submit(prepare_and_baseline, pretraining)
+            record, (target, query, runs, records) = lanes.wait([pretraining, side])
+        else:
+            record = pretrain()
+            target, query, runs, records = prepare_and_baseline(_Finished(record))
+        todo = [r for r in runs if r.step not in records]
+        progress.line("adapt", f"{len(todo)} runs: nnUNetv2_train -pretrained_weights <foundation>, "
+                               f"nnUNetv2_predict, nnU-Net's evaluation; {jobs} at a time")
+        # longest first, so that the lanes finish together
+        order = sorted(todo, key=lambda r: r.trainer.startswith("FSEFTLinearProbe"))
+        futures = [lanes.submit(adaptation_step, wd, r, target, checkpoint, train_env, query, progress)
+                   for r in order]
+        records.update(zip((r.step for r in order), lanes.wait(futures)))
+    finally:
+        lanes.close()
 
     total_s = time.monotonic() - progress.t0
     target_json = json.loads((wd.raw / target["dataset"] / "dataset.json").read_text())
     context = {"settings": _jsonable(asdict(settings)), "foundation": foundation, "plans": planned,
                "foundation_trainer": trainer, "foundation_scores": record["scores"], "target": target,
                "target_classes": [k for k in target_json["labels"] if k not in ("background", "ignore")]}
-    md, png, table = write_report(wd, records, context, total_s)
-    return {"table": table, "markdown": md, "plot": png, "records": records, "total_s": total_s}
+    runs_in_order = [records[r.step] for r in runs]
+    md, png, table = write_report(wd, runs_in_order, context, total_s)
+    return {"table": table, "markdown": md, "plot": png, "records": runs_in_order, "total_s": total_s}
+
+
+class _Finished:
+    """A done future, for the one-lane path."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def done(self) -> bool:
+        return True
+
+    def result(self):
+        return self.value

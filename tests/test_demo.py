@@ -33,7 +33,7 @@ def test_quick_demo_end_to_end(tmp_path):
 
     runs = json.loads((workdir / "results.json").read_text())["runs"]
     methods = {run["method"] for run in runs}
-    assert {"linear probe", "LoRA", "from scratch (nnU-Net)"} <= methods
+    assert {"linear probe", "decoder + encoder LoRA", "from scratch (nnU-Net)"} <= methods
     assert sorted({run["k"] for run in runs}) == [1, 5]
     for run in runs:
         assert 0.0 <= run["dice"] <= 1.0, run
@@ -108,3 +108,12 @@ def test_report_table_and_plot(tmp_path):
     assert "4.3 MB (checkpoint_final.pth)" in table
     png = plot(records, tmp_path / "p.png", "test")
     assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_table_has_a_column_per_class_for_a_multi_class_target():
+    records = [{"method": "LoRA", "trainer": "FSEFTLoRATrainer_demo", "k": 1, "dice": 0.5,
+                "dice_per_class": {"liver": 0.9, "pancreas": 0.1}, "trainable_parameters": 10, "file_bytes": 100,
+                "file": "adapter.safetensors", "train_s": 1.0, "predict_s": 1.0}]
+    table = results_table(records)
+    assert "| Dice (query) | liver | pancreas |" in table
+    assert "| 1 | 0.500 | 0.900 | 0.100 | 10 |" in table

@@ -91,7 +91,7 @@ def collect(config: BenchmarkConfig, dataset_json: dict, fold_dir: Path) -> dict
     names = {str(tuple(v) if isinstance(v, list) else v): k
              for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")}
     record = {"dice": summary["foreground_mean"]["Dice"],
-              "dice_per_class": {names.get(label, label): m["Dice"] for label, m in summary["mean"].items()}}
+              "dice_per_class": {names.get(str(label), str(label)): m["Dice"] for label, m in summary["mean"].items()}}
     adapter = fold_dir / "adapter.json"
     checkpoint = fold_dir / "checkpoint_final.pth"
     record["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.is_file() else None

@@ -6,6 +6,8 @@ nnUNetTrainer_demo (stock nnU-Net, the from-scratch baseline). Besides the sched
 trainers they extend, both for the demo's run time only:
 - adaptation runs skip nnU-Net's final validation: its val set is the query set, which the demo predicts with
   nnUNetv2_predict and scores with nnU-Net's evaluation right afterwards (the foundation keeps its validation);
+- no mirroring (augmentation and test-time), as nnU-Net's nnUNetTrainerNoMirroring: phantom organs, like left and
+  right kidneys, are told apart by where they are, which mirroring swaps;
 - FSEFT_DEMO_TORCH_THREADS, if set, replaces the thread count nnUNetv2_train -device cpu sets (all cores), so that
   the demo can run several trainings side by side without oversubscribing the CPU.
 These schedules make a phantom story run in minutes on a CPU; they are not schedules for real data.
@@ -30,6 +32,15 @@ def _skip_final_validation(self, save_probabilities: bool = False):
                            "(this fold's val set) with nnUNetv2_predict and scores them with nnU-Net's evaluation")
 
 
+def _no_mirroring(base):
+    """nnUNetTrainerNoMirroring's override, on top of `base`."""
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+    return configure_rotation_dummyDA_mirroring_and_inital_patch_size
+
+
 def _schedule_init(base, epochs, iterations, val_iterations, initial_lr=None):
     """An __init__ with nnU-Net's exact signature (nnU-Net reads it to fill the checkpoint's init_args)."""
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -50,6 +61,7 @@ def _define(schedule: str, times: dict) -> None:
     name = f"MultiTalentTrainer_{schedule}"
     module[name] = type(name, (MultiTalentTrainer,), {
         "__init__": _schedule_init(MultiTalentTrainer, epochs, iterations, val_iterations, PRETRAIN_LR),
+        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": _no_mirroring(MultiTalentTrainer),
         "__module__": __name__})
 
     epochs, iterations, val_iterations = times["adapt"]
@@ -57,6 +69,7 @@ def _define(schedule: str, times: dict) -> None:
     name = f"nnUNetTrainer_{schedule}"
     module[name] = type(name, (nnUNetTrainer,), {
         "__init__": _schedule_init(nnUNetTrainer, epochs, iterations, val_iterations),
+        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": _no_mirroring(nnUNetTrainer),
         "perform_actual_validation": _skip_final_validation, "__module__": __name__})
 
     # the FSEFT trainers read their schedule from class attributes (set here too, for the log)
@@ -68,6 +81,7 @@ def _define(schedule: str, times: dict) -> None:
             module[name] = type(name, (base,), {
                 "epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations,
                 "__init__": _schedule_init(base, epochs, iterations, val_iterations),
+                "configure_rotation_dummyDA_mirroring_and_inital_patch_size": _no_mirroring(base),
                 "perform_actual_validation": _skip_final_validation, "__module__": __name__})
 
 

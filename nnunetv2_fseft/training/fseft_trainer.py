@@ -45,7 +45,10 @@ class FSEFTTrainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
         self.save_every = max(1, self.epochs // 4)  # so --c has something recent to resume from
         # deep supervision only where every head trains; black-box methods train the last head only
-        self.enable_deep_supervision = get_method(self.peft_method).deep_supervision
+        try:
+            self.enable_deep_supervision = get_method(self.peft_method).deep_supervision
+        except KeyError as e:  # a user's subclass with a typo: one line from nnUNetv2_train, not a traceback
+            raise fail(f"{type(self).__name__}: {e.args[0]}") from None
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
