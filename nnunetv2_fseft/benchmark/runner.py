@@ -34,7 +34,7 @@ def prepare(config: BenchmarkConfig) -> tuple:
     if not config.checkpoint.is_file():
         raise FSEFTError(f"foundation checkpoint {config.checkpoint} does not exist; train the foundation first")
     try:
-        name = maybe_convert_to_dataset_name(config.dataset)
+        name = str(maybe_convert_to_dataset_name(config.dataset))
     except RuntimeError:
         raise FSEFTError(f"no dataset {config.dataset} in nnUNet_raw; create the target dataset first") from None
     pre = Path(nnUNet_preprocessed) / name
@@ -54,7 +54,9 @@ def prepare(config: BenchmarkConfig) -> tuple:
 def _refuse_stale_folds(name: str) -> None:
     """New splits renumber the folds: a trained fold_X would then be read as another (K, seed)."""
     from nnunetv2.paths import nnUNet_results
-    stale = sorted(str(p) for p in (Path(nnUNet_results) / name).glob("*/fold_*"))
+    from ..zeroshot import TRAINER_NAME as ZEROSHOT  # rebuilt by every zero-shot cell, never stale
+    stale = sorted(str(p) for p in (Path(nnUNet_results) / name).glob("*/fold_*")
+                   if not p.parent.name.startswith(f"{ZEROSHOT}__"))
     if stale:
         raise FSEFTError(f"the config needs new few-shot splits for {name}, but models trained on its current "
                          f"splits exist (e.g. {stale[0]}); move nnUNet_results/{name} away, or keep the config's "
