@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..peft.tree import head_modules
+from .optim_step import backward_and_step
 
 
 class _Stop(Exception):
@@ -227,14 +228,4 @@ def head_train_step(trainer, features: torch.Tensor, target: torch.Tensor, amp) 
         weight = next(head.parameters())
         output = head(features.to(weight.dtype))
         loss = trainer.loss(output, target)
-    if trainer.grad_scaler is not None:
-        trainer.grad_scaler.scale(loss).backward()
-        trainer.grad_scaler.unscale_(trainer.optimizer)
-        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
-        trainer.grad_scaler.step(trainer.optimizer)
-        trainer.grad_scaler.update()
-    else:
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainer.network.parameters(), 12)
-        trainer.optimizer.step()
-    return {"loss": loss.detach().cpu().numpy()}
+    return backward_and_step(trainer, loss)

@@ -31,6 +31,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_fseft.errors import FSEFTError, fail
 from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
+from nnunetv2_fseft.training.optim_step import backward_and_step
 
 # the module whose global name `nnUNetDataLoader` nnUNetTrainer.get_dataloaders calls
 _BASE_TRAINER_MODULE = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
@@ -210,18 +211,7 @@ class MultiTalentTrainer(nnUNetTrainer):
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
             output = self.network(data)
             l = self._compute_loss(output, target, annotated)
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(l).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            l.backward()
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
-        return {'loss': l.detach().cpu().numpy()}
+        return backward_and_step(self, l)
 
     def validation_step(self, batch: dict) -> dict:
         # nnUNetTrainer.validation_step (2.8.1, region branch) with tp/fp/fn kept per sample and zeroed for the
