@@ -47,7 +47,8 @@ def predict_and_score(model: Path, out: Path) -> dict:
     import SimpleITK as sitk
     import numpy as np
     import torch
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder_simple
+    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     out.mkdir(parents=True, exist_ok=True)
     predictor = nnUNetPredictor(use_mirroring=False, device=torch.device("cpu"), perform_everything_on_device=False,
@@ -73,8 +74,8 @@ def predict_and_score(model: Path, out: Path) -> dict:
         result = sitk.GetImageFromArray(b)
         result.CopyInformation(image)
         sitk.WriteImage(result, str(mapped / f"{c}.nii.gz"))
-    summary = compute_metrics_on_folder_simple(str(SOURCE / "labelsTr"), str(mapped), [1, 2],
-                                               str(mapped / "summary.json"), num_processes=1, chill=True)
+    summary = compute_metrics_on_folder(str(SOURCE / "labelsTr"), str(mapped), str(mapped / "summary.json"),
+                                        SimpleITKIO(), ".nii.gz", [1, 2], num_processes=1, chill=True)
     inverse = {v: k for k, v in source.items()}
     return {inverse[int(k)]: v["Dice"] for k, v in summary["mean"].items()}
 
