@@ -116,11 +116,19 @@ def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_jso
     return lines
 
 
+def foundation_weights(checkpoint: dict) -> dict:
+    """The checkpoint's network weights without DDP's 'module.' prefix."""
+    return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
+
+
 def load_foundation(network: torch.nn.Module, path, target_json: dict) -> list:
     """Load foundation weights into an (adapted) network. Returns log lines."""
-    checkpoint = read_foundation(path)
-    pretrained = checkpoint["network_weights"]
-    pretrained = {k[7:] if k.startswith("module.") else k: v for k, v in pretrained.items()}
+    return apply_foundation(network, read_foundation(path), path, target_json)
+
+
+def apply_foundation(network: torch.nn.Module, checkpoint: dict, path, target_json: dict) -> list:
+    """load_foundation for a checkpoint already read (by read_foundation)."""
+    pretrained = foundation_weights(checkpoint)
     state = network.state_dict()
     _check_architecture(state, pretrained, path)
     for key in state:

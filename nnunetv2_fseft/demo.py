@@ -453,10 +453,9 @@ def evaluate(pred_folder: Path, labels: Path, dataset_json: dict, plans_file: Pa
     summary = compute_metrics_on_folder(str(labels), str(pred_folder), str(pred_folder / "summary.json"), reader,
                                         dataset_json["file_ending"], regions, label_manager.ignore_label,
                                         num_processes=1, chill=False)
-    names = {str(tuple(v) if isinstance(v, list) else v): k for k, v in dataset_json["labels"].items()
-             if k not in ("background", "ignore")}
+    from .names import dice_by_class
     return {"dice": summary["foreground_mean"]["Dice"], "n_query": len(summary["metric_per_case"]),
-            "dice_per_class": {names.get(str(label), str(label)): m["Dice"] for label, m in summary["mean"].items()}}
+            "dice_per_class": dice_by_class(summary, dataset_json)}
 
 
 def saved_parameters(fold_folder: Path) -> Tuple[int, int, str]:

@@ -16,3 +16,11 @@ def foreground_label_names(dataset_json: dict) -> list:
 
     items = sorted(((first_value(v), k) for k, v in labels.items()), key=lambda t: t[0])
     return [k for v, k in items if k != "background" and k != "ignore" and v != 0]
+
+
+def dice_by_class(summary: dict, dataset_json: dict) -> dict:
+    """{class name: Dice} from an nnU-Net evaluation summary; its keys are label values (str(tuple) for
+    regions), as ints in memory and as strings once read back from summary.json."""
+    names = {str(tuple(v) if isinstance(v, list) else v): k for k, v in dataset_json["labels"].items()
+             if k not in ("background", "ignore")}
+    return {names.get(str(label), str(label)): m["Dice"] for label, m in summary["mean"].items()}

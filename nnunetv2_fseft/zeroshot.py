@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import atomic_write, channel_names, map_heads, read_foundation
+from .checkpoints import apply_foundation, atomic_write, channel_names, foundation_weights, read_foundation
 from .errors import FSEFTError
+from .export import STOCK_TRAINER
 from .networks import build_plain_network
 
 TRAINER_NAME = "FSEFTZeroShot"
-STOCK_TRAINER = "nnUNetTrainer"
 
 
 def _foundation_files(model_folder: Path, fold) -> tuple:
@@ -74,19 +74,12 @@ def build_zeroshot_model(foundation_folder, target, fold: int = 0, foundation_fo
                          "TRAINER__PLANS__CONFIG as nnUNetv2_train names its output folders")
     checkpoint = read_foundation(checkpoint_file)
     network = build_plain_network(plans, configuration, target_json)
-    state = network.state_dict()
-    pretrained = {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
-    for key in state:
-        if ".seg_layers." not in key:
-            if key not in pretrained or pretrained[key].shape != state[key].shape:
-                raise FSEFTError(f"{checkpoint_file} does not match its own plans at '{key}'; "
-                                 "is this the foundation's model folder?")
-            state[key] = pretrained[key]
-    lines = map_heads(state, pretrained, target_json, checkpoint.get("init_args", {}).get("dataset_json"))
+    lines = apply_foundation(network, checkpoint, checkpoint_file, target_json)[1:]
     if not any("<- foundation" in line for line in lines):
         raise FSEFTError(f"none of {name}'s classes is named like a foundation class ({'; '.join(lines)}); "
                          "zero-shot needs shared class names: adapt with an FSEFT trainer instead")
-    _silence_unmapped(state, target_json, pretrained, checkpoint)
+    state = network.state_dict()
+    _silence_unmapped(state, target_json, foundation_weights(checkpoint), checkpoint)
     network.load_state_dict(state)
 
     out = Path(nnUNet_results) / name / f"{TRAINER_NAME}__{plans['plans_name']}__{configuration}"

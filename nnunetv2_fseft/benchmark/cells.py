@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FSEFTError
+from ..names import dice_by_class
 from .config import BenchmarkConfig
 
 
@@ -88,10 +89,7 @@ def collect(config: BenchmarkConfig, dataset_json: dict, fold_dir: Path) -> dict
     if not summary_file.is_file():
         raise FSEFTError(f"{summary_file} is missing: nnU-Net's final validation did not run for this cell")
     summary = json.loads(summary_file.read_text())
-    names = {str(tuple(v) if isinstance(v, list) else v): k
-             for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")}
-    record = {"dice": summary["foreground_mean"]["Dice"],
-              "dice_per_class": {names.get(str(label), str(label)): m["Dice"] for label, m in summary["mean"].items()}}
+    record = {"dice": summary["foreground_mean"]["Dice"], "dice_per_class": dice_by_class(summary, dataset_json)}
     adapter = fold_dir / "adapter.json"
     checkpoint = fold_dir / "checkpoint_final.pth"
     record["checkpoint_bytes"] = checkpoint.stat().st_size if checkpoint.is_file() else None
