@@ -107,3 +107,28 @@ def test_benchmark_bad_config_gives_one_line(world, tmp_path, capsys, change, me
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     import re
     assert re.search(message, err), err
+
+
+def test_cells_are_paired_on_one_initialisation_per_seed(world, monkeypatch):
+    """The harness runs each cell with nnUNet_fseft_seed=<seed>: every method of a seed starts from the same new
+    head, so cached vs uncached or TI on vs off differ by the method only."""
+    from nnunetv2_fseft.benchmark import cells
+    from nnunetv2_fseft_trainers.fseft_trainers import FSEFTLinearProbeNoCacheTrainer, FSEFTLinearProbeTrainer
+    seen = {}
+    monkeypatch.setattr(cells, "run_logged", lambda cmd, log, env: seen.setdefault("seed", env["nnUNet_fseft_seed"]))
+    config = load_config(_config(world, Path(world["root"])))
+    cells.train_cell(config, "Dataset932_BTarget", cells.Cell("FSEFTLinearProbeTrainer", 1, 2, 7, "X"), Path("log"), {})
+    assert seen["seed"] == "2"
+
+    pre = world["root"] / "pre" / "Dataset931_BFound"
+    plans, dataset_json = (json.loads((pre / n).read_text()) for n in ("nnUNetPlans.json", "dataset.json"))
+
+    def initial_head(cls, seed):
+        monkeypatch.setenv("nnUNet_fseft_seed", seed)
+        # nnUNetv2_train adds continue_training to the plans and the trainer pops it
+        trainer = cls(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, device=CPU)
+        trainer.initialize()
+        return trainer.network.decoder.seg_layers[-1].weight.detach().clone()
+
+    assert torch.equal(initial_head(FSEFTLinearProbeTrainer, "3"), initial_head(FSEFTLinearProbeNoCacheTrainer, "3"))
+    assert not torch.equal(initial_head(FSEFTLinearProbeTrainer, "3"), initial_head(FSEFTLinearProbeTrainer, "4"))

@@ -70,7 +70,8 @@ def train_cell(config: BenchmarkConfig, dataset_name: str, cell: Cell, log: Path
         cmd.append("--c")  # interrupted earlier: nnU-Net resumes (and only validates if training had finished)
     elif cell.method != "scratch":
         cmd += ["-pretrained_weights", str(config.checkpoint)]
-    return run_logged(cmd, log, env)
+    # same seed, same initial new head / adapter for every method of a cell (nnU-Net itself does not seed)
+    return run_logged(cmd, log, dict(env, nnUNet_fseft_seed=str(cell.seed)))
 
 
 def zeroshot_cell(config: BenchmarkConfig, fold: int, log: Path) -> dict:

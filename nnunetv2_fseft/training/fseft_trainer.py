@@ -12,6 +12,7 @@ from torch._dynamo import OptimizedModule
 
 from ..checkpoints import atomic_write, load_foundation, save_adapter, sha256
 from ..errors import FSEFTError, fail
+from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
 from ..peft import apply_peft, count_parameters, get_method, resolved_options
 
@@ -34,6 +35,7 @@ class FSEFTTrainer(nnUNetTrainer):
     feature_pool_memory_mb = 2048     # past this, pool samples go to a temporary folder in output_folder
     feature_dtype = torch.float16
     feature_cache = None              # the FeatureCache while training, when used
+    _resume_cache_from = None         # (checkpoint, epoch) loaded by --c: its sidecar refills the pool
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -64,6 +66,9 @@ class FSEFTTrainer(nnUNetTrainer):
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def initialize(self):
+        seed = os.environ.get("nnUNet_fseft_seed")
+        if seed:  # the benchmark harness pairs methods on one initialisation of new heads and adapters
+            torch.manual_seed(int(seed))
         super().initialize()
         trainable, total = count_parameters(self.plain_network())
         self.print_to_log_file(f"FSEFT method '{self.peft_method}' {resolved_options(self.peft_method, self.peft_options)}: "
@@ -120,6 +125,12 @@ class FSEFTTrainer(nnUNetTrainer):
         self.dataloader_train = LazyBatches(self.dataloader_train)
         self.print_to_log_file(f"feature cache: pool of {self.feature_pool_size} samples ({self.feature_dtype}), "
                                f"refresh every {self.feature_refresh_every} steps once full")
+        if self._resume_cache_from is not None:
+            if self.is_ddp:  # only rank 0 saves; each rank keeps its own pool
+                self.print_to_log_file("feature cache: not restored under DDP; rebuilding the pool")
+            else:
+                shape = feature_shape(network, self.configuration_manager.patch_size)
+                self.print_to_log_file(restore_sidecar(self.feature_cache, *self._resume_cache_from, shape))
 
     def train_step(self, batch: dict) -> dict:
         if self.feature_cache is None:
@@ -138,6 +149,8 @@ class FSEFTTrainer(nnUNetTrainer):
             c.close()
             self.feature_cache = None
         super().on_train_end()
+        if self.local_rank == 0:  # checkpoint_final.pth is written: --c never reads latest/best (or their pools)
+            remove_sidecars(self.output_folder)
 
     def configure_optimizers(self):
         params = [p for p in self.network.parameters() if p.requires_grad]
@@ -161,5 +174,12 @@ class FSEFTTrainer(nnUNetTrainer):
         if self.local_rank != 0 or self.disable_checkpointing:
             return super().save_checkpoint(filename)
         atomic_write(filename, super().save_checkpoint)
+        # the pool goes next to the checkpoint, tagged with the epoch nnU-Net stores in it (docs/cost.md, Resuming)
+        save_sidecar(None if self.is_ddp else self.feature_cache, filename, self.current_epoch + 1)
         if os.path.basename(filename) == "checkpoint_final.pth":
             save_adapter(self.plain_network(), self.output_folder, self.adapter_config())
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        super().load_checkpoint(filename_or_checkpoint)
+        if isinstance(filename_or_checkpoint, str):  # --c: on_train_start builds the pool, then refills it
+            self._resume_cache_from = (filename_or_checkpoint, self.current_epoch)
