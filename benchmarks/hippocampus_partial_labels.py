@@ -1,14 +1,14 @@
 """Issue 3's evidence: partial-label pre-training on real data (hippocampus, tiny plans, CPU).
 
 Dataset A = the 75 'A' cases of hippocampus_split.json with only Anterior annotated; B = the 75 'B' cases with
-only Posterior annotated. Three models, same 1,000 iterations (20 x 50) and SGD 1e-2:
-  (1) MultiTalentTrainer_20x50 on A+B assembled by nnUNetv2_fseft_assemble (loss masked to annotated classes)
-  (2) naive merge: stock nnUNetTrainer_20x50 on the same assembled data (an unannotated class = background)
-  (3) upper bound: stock nnUNetTrainer_20x50 on the same 150 cases with both classes annotated
+only Posterior annotated. Three models, same budget (--epochs x 50 iterations; 20 or 40) and SGD 1e-2:
+  (1) MultiTalentTrainer_<E>x50 on A+B assembled by nnUNetv2_fseft_assemble (loss masked to annotated classes)
+  (2) naive merge: stock nnUNetTrainer_<E>x50 on the same assembled data (an unannotated class = background)
+  (3) upper bound: stock nnUNetTrainer_<E>x50 on the same 150 cases with both classes annotated
 Each predicts the 50 query cases (nnU-Net's predictor, no mirroring for all three) and nnU-Net's evaluation
 scores them against the full labels.
 
-  python benchmarks/hippocampus_partial_labels.py WORKDIR
+  python benchmarks/hippocampus_partial_labels.py WORKDIR [--epochs 20|40]
 """
 import argparse
 import json
@@ -17,8 +17,7 @@ from pathlib import Path
 
 from hippocampus_common import SOURCE, SPLIT, run, setup_env
 
-TRAINERS = {"multitalent": "MultiTalentTrainer_20x50", "naive": "nnUNetTrainer_20x50",
-            "upper": "nnUNetTrainer_20x50"}
+TRAINERS = {"multitalent": "MultiTalentTrainer_{}x50", "naive": "nnUNetTrainer_{}x50", "upper": "nnUNetTrainer_{}x50"}
 
 
 def build_datasets(work: Path) -> None:
@@ -83,19 +82,21 @@ def predict_and_score(model: Path, out: Path) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir")
+    p.add_argument("--epochs", type=int, choices=(20, 40), default=20, help="epochs of 50 iterations")
     a = p.parse_args()
     work = Path(a.workdir).resolve()
     setup_env(work)
     build_datasets(work)
     rows = []
     for label, trainer in TRAINERS.items():
+        trainer = trainer.format(a.epochs)
         dataset = "Dataset110_HippoFullAB" if label == "upper" else "Dataset113_HippoPartialAB"
         model = work / "res" / dataset / f"{trainer}__nnUNetPlans__3d_fullres"
         seconds = None
         if not (model / "fold_0" / "checkpoint_final.pth").is_file():
             seconds = run([str(Path(sys.executable).parent / "nnUNetv2_train"), dataset[7:10], "3d_fullres", "0",
                            "-tr", trainer, "-device", "cpu"], work / "log.txt")
-        dice = predict_and_score(model, work / "query_predictions" / label)
+        dice = predict_and_score(model, work / "query_predictions" / f"{label}_{a.epochs}x50")
         rows.append((label, trainer, dice, seconds))
         print(label, trainer, dice, flush=True)
     lines = ["| model | trainer | Anterior Dice | Posterior Dice | mean | train time |", "|---|---|---:|---:|---:|---:|"]
@@ -103,7 +104,7 @@ def main():
         lines.append(f"| {label} | {trainer} | {dice['Anterior']:.3f} | {dice['Posterior']:.3f} | "
                      f"{(dice['Anterior'] + dice['Posterior']) / 2:.3f} | {'' if seconds is None else f'{seconds:.0f} s'} |")
     print("\n".join(lines))
-    (work / "results_partial_labels.md").write_text("\n".join(lines) + "\n")
+    (work / f"results_partial_labels_{a.epochs}x50.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
