@@ -20,6 +20,8 @@ from torch import nn
 from ..peft.tree import head_modules
 from .optim_step import backward_and_step
 
+SPILL_PREFIX = "fseft_feature_pool_"  # temporary folders of spilled pool samples
+
 
 class _Stop(Exception):
     def __init__(self, features):
@@ -100,6 +102,9 @@ class FeaturePool:
         else:
             slot = len(self._entries)
             self._entries.append(None)
+        self._store(slot, pair)
+
+    def _store(self, slot: int, pair) -> None:
         size = sum(x.numel() * x.element_size() for x in pair)
         if self.memory_limit_bytes is not None and self.bytes_in_memory + size > self.memory_limit_bytes:
             path = self._spill_folder() / f"{slot}.pt"
@@ -117,7 +122,7 @@ class FeaturePool:
 
     def _spill_folder(self) -> Path:
         if self._spill_dir is None:
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="fseft_feature_pool_", dir=self._spill_parent))
+            self._spill_dir = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX, dir=self._spill_parent))
         return self._spill_dir
 
     def _get(self, i: int):
@@ -132,11 +137,41 @@ class FeaturePool:
         pairs = [self._get(i) for i in picks]
         return (torch.stack([f for f, _ in pairs]), torch.stack([t for _, t in pairs]).to(self._target_dtype))
 
+    def state(self) -> dict:
+        """The pool as tensors, numbers and strings, for torch.save and torch.load(weights_only=True) (see
+        cache_resume.py). In-memory samples go in by reference and spilled ones memory-mapped from their files, so
+        saving does not hold the whole pool in memory a second time."""
+        pairs = [torch.load(e, weights_only=True, mmap=True) if isinstance(e, Path) else e for e in self._entries]
+        version, internal, gauss = self._rng.getstate()
+        return {"capacity": self.capacity, "dtype": str(self.dtype), "oldest": self._oldest,
+                "target_dtype": None if self._target_dtype is None else str(self._target_dtype),
+                "rng": [version, list(internal), gauss],
+                "features": [f for f, _ in pairs], "targets": [t for _, t in pairs]}
+
+    def restore(self, state: dict) -> None:
+        """Refill the pool from state() (checked by the caller); samples past the memory limit spill again."""
+        self.close()
+        for f, t in zip(state["features"], state["targets"]):
+            self._entries.append(None)
+            self._store(len(self._entries) - 1, (f.clone(), t.clone()))  # clone: off the sidecar's memory map
+        self._oldest = state["oldest"]
+        self._target_dtype = None if state["target_dtype"] is None else _dtype(state["target_dtype"])
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+
     def close(self) -> None:
         if self._spill_dir is not None:
             shutil.rmtree(self._spill_dir, ignore_errors=True)
             self._spill_dir = None
         self._entries, self._oldest, self.bytes_in_memory = [], 0, 0
+
+
+def _dtype(name: str) -> torch.dtype:
+    """torch.float16 from 'torch.float16' (dtypes are stored as strings: plain data, no pickled objects)."""
+    dtype = getattr(torch, name.replace("torch.", ""), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"not a torch dtype: {name!r}")
+    return dtype
 
 
 class LazyBatch(Mapping):
@@ -214,6 +249,15 @@ class FeatureCache:
             return features, target
         features, target = self.pool.sample(batch_size)
         return features.to(device, non_blocking=True), target.to(device, non_blocking=True)
+
+    def state(self) -> dict:
+        return dict(self.pool.state(), steps=self.steps, encoded_batches=self.encoded_batches,
+                    encode_seconds=self.encode_seconds)
+
+    def restore(self, state: dict) -> None:
+        self.pool.restore(state)
+        self.steps, self.encoded_batches = state["steps"], state["encoded_batches"]
+        self.encode_seconds = state["encode_seconds"]
 
     def close(self) -> None:
         self.pool.close()
