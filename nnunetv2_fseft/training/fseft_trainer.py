@@ -13,7 +13,6 @@ from torch._dynamo import OptimizedModule
 from ..checkpoints import atomic_write, load_foundation, save_adapter, sha256
 from ..errors import FSEFTError, fail
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
-from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
 from ..peft import apply_peft, count_parameters, get_method, resolved_options
 
@@ -36,7 +35,6 @@ class FSEFTTrainer(nnUNetTrainer):
     feature_pool_memory_mb = 2048     # past this, pool samples go to a temporary folder in output_folder
     feature_dtype = torch.float16
     feature_cache = None              # the FeatureCache while training, when used
-    _resume_cache_from = None         # (checkpoint, epoch) loaded by --c: its sidecar refills the pool
     _resume_cache_from = None         # (checkpoint, epoch) loaded by --c: its sidecar refills the pool
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -133,12 +131,6 @@ class FSEFTTrainer(nnUNetTrainer):
             else:
                 shape = feature_shape(network, self.configuration_manager.patch_size)
                 self.print_to_log_file(restore_sidecar(self.feature_cache, *self._resume_cache_from, shape))
-        if self._resume_cache_from is not None:
-            if self.is_ddp:  # only rank 0 saves; each rank keeps its own pool
-                self.print_to_log_file("feature cache: not restored under DDP; rebuilding the pool")
-            else:
-                shape = feature_shape(network, self.configuration_manager.patch_size)
-                self.print_to_log_file(restore_sidecar(self.feature_cache, *self._resume_cache_from, shape))
 
     def train_step(self, batch: dict) -> dict:
         if self.feature_cache is None:
@@ -157,8 +149,6 @@ class FSEFTTrainer(nnUNetTrainer):
             c.close()
             self.feature_cache = None
         super().on_train_end()
-        if self.local_rank == 0:  # checkpoint_final.pth is written: --c never reads latest/best (or their pools)
-            remove_sidecars(self.output_folder)
         if self.local_rank == 0:  # checkpoint_final.pth is written: --c never reads latest/best (or their pools)
             remove_sidecars(self.output_folder)
 
@@ -186,15 +176,8 @@ class FSEFTTrainer(nnUNetTrainer):
         atomic_write(filename, super().save_checkpoint)
         # the pool goes next to the checkpoint, tagged with the epoch nnU-Net stores in it (docs/cost.md, Resuming)
         save_sidecar(None if self.is_ddp else self.feature_cache, filename, self.current_epoch + 1)
-        # the pool goes next to the checkpoint, tagged with the epoch nnU-Net stores in it (docs/cost.md, Resuming)
-        save_sidecar(None if self.is_ddp else self.feature_cache, filename, self.current_epoch + 1)
         if os.path.basename(filename) == "checkpoint_final.pth":
             save_adapter(self.plain_network(), self.output_folder, self.adapter_config())
-
-    def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
-        if isinstance(filename_or_checkpoint, str):  # --c: on_train_start builds the pool, then refills it
-            self._resume_cache_from = (filename_or_checkpoint, self.current_epoch)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         super().load_checkpoint(filename_or_checkpoint)
