@@ -207,3 +207,71 @@ def test_train_and_predict_with_nnunet_commands(planned):
         assert set(np.unique(seg)) <= {0, 1, 2, 3}
         liver = truth == 1
         assert probabilities[0][liver].mean() > probabilities[0][~liver].mean() + 0.1  # something was learned
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class MultiTalentTrainer_resumetest(MultiTalentTrainer):
+    """Two short epochs, checkpoint_latest.pth after each; interrupted after the first unless told otherwise."""
+    interrupt = True
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 2, 3, 1
+        self.save_every = 1
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.interrupt and self.current_epoch == 1:  # after epoch 0's checkpoints
+            raise _Interrupted()
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        pass
+
+
+@slow
+def test_resume_with_c_keeps_class_masks_sampling_and_optimizer(planned, monkeypatch):
+    """What nnUNetv2_train ... -tr MultiTalentTrainer --c does after an interruption: nnU-Net builds the trainer
+    again from the preprocessed dataset.json, loads checkpoint_latest.pth and trains on. The per-case class masks,
+    the sigmoid regions, the balanced sampling and the SGD momentum all carry over."""
+    from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss
+    root, env = planned
+    for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA", "nnUNet_compile"):
+        monkeypatch.setenv(var, env[var])
+    pre = root / "nnUNet_preprocessed" / f"Dataset{DATASET_ID}_MTPhantom"
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+
+    def trainer(resume):  # as nnunetv2.run.run_training builds it (--c travels in the plans)
+        return MultiTalentTrainer_resumetest(dict(plans, continue_training=resume), "3d_fullres", 0, dataset_json,
+                                             torch.device("cpu"))
+
+    first = trainer(False)
+    with pytest.raises(_Interrupted):
+        first.run_training()
+    latest = Path(first.output_folder) / "checkpoint_latest.pth"
+    saved = torch.load(latest, map_location="cpu", weights_only=False)
+
+    resumed = trainer(True)
+    resumed.interrupt = False
+    resumed.load_checkpoint(str(latest))  # nnU-Net's maybe_load_checkpoint
+    assert resumed.current_epoch == 1
+    assert resumed.annotated_by_case == first.annotated_by_case
+    assert resumed.annotated_by_case["parta_000"] == [0, 1] and resumed.annotated_by_case["partb_000"] == [0, 2]
+    assert resumed.my_init_kwargs["dataset_json"] == first.my_init_kwargs["dataset_json"]
+    assert resumed.label_manager.has_regions and resumed.channel_names == ["liver", "spleen", "kidney_left"]
+    assert isinstance(getattr(resumed.loss, "loss", resumed.loss), PartialLabelDCBCELoss)
+    momentum = [s["momentum_buffer"] for s in resumed.optimizer.state_dict()["state"].values()]
+    expected = [s["momentum_buffer"] for s in saved["optimizer_state"]["state"].values()]
+    assert momentum and all(torch.equal(a, b) for a, b in zip(momentum, expected))
+    for k, v in resumed.network.state_dict().items():
+        assert torch.equal(v, saved["network_weights"][k]), k
+
+    resumed.run_training()
+    assert resumed.dataloader_train.data_loader.sampling_probabilities is not None  # still ∝ 1/sqrt(n)
+    final = torch.load(Path(resumed.output_folder) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert final["current_epoch"] == 2 and len(final["logging"]["train_losses"]) == 2
+    assert final["init_args"]["dataset_json"]["labels"]["liver"] == [1, 1]
