@@ -71,10 +71,12 @@ class FSEFTScratchTrainer(nnUNetTrainer):
     epochs = FSEFTTrainer.epochs
     iterations_per_epoch = FSEFTTrainer.iterations_per_epoch
     val_iterations_per_epoch = FSEFTTrainer.val_iterations_per_epoch
+    learning_rate = 1e-2  # nnU-Net's
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = self.learning_rate
         self.num_epochs = self.epochs
         self.num_iterations_per_epoch = self.iterations_per_epoch
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch

@@ -1,10 +1,13 @@
 """Run a benchmark config: prepare the target like the foundation, write the few-shot splits, run every
 missing cell (a progress bar over cells), then write results.csv, results.md and dice_vs_k.png."""
+import contextlib
+import io
 import json
 import os
 from pathlib import Path
 
 from ..errors import FSEFTError
+from ..trainer_names import plugin_trainers, unknown_name
 from .cells import Cell, collect, count_checkpoint_parameters, model_folder, plugin_environment, train_cell, \
     zeroshot_cell
 from .config import BenchmarkConfig
@@ -12,15 +15,20 @@ from .report import write_reports
 
 
 def check_methods(config: BenchmarkConfig) -> None:
+    """Every method names a trainer nnU-Net will find, before any cell runs; else one line with the valid names."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    plugin = plugin_trainers()
     trainers = [config.scratch_trainer if m == "scratch" else m for m in config.methods if m != "zeroshot"]
     for method in trainers:
+        if method in plugin:
+            continue
         try:
-            recursive_find_trainer_class_by_name(method)
-        except Exception:  # nnU-Net raises a bare RuntimeError listing nothing useful
-            raise FSEFTError(f"unknown method/trainer '{method}'; use 'zeroshot', 'scratch' or a trainer class "
-                             "such as FSEFTLinearProbeTrainer, FSEFTLoRATrainer, FSEFTDecoderLoRATrainer "
-                             "(README: trainer table)") from None
+            with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+                recursive_find_trainer_class_by_name(method)
+        except (Exception, SystemExit):  # nnU-Net's RuntimeError, or trainers/name_check.py's one line
+            message = unknown_name("method/trainer", method, ["zeroshot", "scratch", *plugin],
+                                   also=", or a trainer nnU-Net finds (built in or on nnUNet_extTrainer)")
+            raise FSEFTError(message) from None
 
 
 def prepare(config: BenchmarkConfig) -> tuple:

@@ -1,5 +1,12 @@
-"""nnUNetv2_fseft_ext_path: print the folder to export as nnUNet_extTrainer (editable or regular install)."""
+"""nnUNetv2_fseft_ext_path: print the folder to export as nnUNet_extTrainer (editable or regular install).
+
+  export nnUNet_extTrainer=$(nnUNetv2_fseft_ext_path)
+  nnUNetv2_fseft_ext_path --list      the trainers there, each with its method, learning rate and optimizer
+"""
+import argparse
 from pathlib import Path
+
+from ..errors import cli_entry
 
 
 def trainers_folder() -> str:
@@ -7,5 +14,13 @@ def trainers_folder() -> str:
     return str(Path(nnunetv2_fseft_trainers.__file__).resolve().parent)
 
 
+@cli_entry
 def main(argv=None):
-    print(trainers_folder())
+    p = argparse.ArgumentParser(prog="nnUNetv2_fseft_ext_path", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--list", action="store_true", help="list the plugin's trainers (names for -tr)")
+    if p.parse_args(argv).list:
+        from ..trainer_names import trainer_table
+        print(trainer_table())
+    else:
+        print(trainers_folder())

@@ -152,6 +152,8 @@ def annotated_only_summary(summary: dict, channel_keys: list, channel_names: lis
 # ---------------------------------------------------------------- the trainer
 
 class MultiTalentTrainer(nnUNetTrainer):
+    learning_rate = 1e-3  # MultiTalent v2 (MultiTalent_trainer.py); SGD momentum 0.99 nesterov, poly, as nnU-Net
+
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         # before super().__init__: the LabelManager, init_args (checkpoint) and the dataset.json copied to the
@@ -163,7 +165,7 @@ class MultiTalentTrainer(nnUNetTrainer):
         except FSEFTError as e:
             raise fail(str(e)) from None
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3  # MultiTalent v2 (MultiTalent_trainer.py); SGD momentum 0.99 nesterov, poly, as nnU-Net
+        self.initial_lr = self.learning_rate
         self.channel_names = channel_names
         self.annotated_by_case = annotated_by_case
         self.source_of_case = source_dataset_by_case(dataset_json)
@@ -269,6 +271,7 @@ class MultiTalentTrainer(nnUNetTrainer):
 class MultiTalentTrainer_tiny(MultiTalentTrainer):
     """Minutes on a CPU, for tests and the demo: a few short epochs at nnU-Net's learning rate (1e-2), so that
     phantom organs already appear; not a schedule to pre-train a real foundation model with."""
+    learning_rate = 1e-2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -276,4 +279,3 @@ class MultiTalentTrainer_tiny(MultiTalentTrainer):
         self.num_epochs = 4
         self.num_iterations_per_epoch = 10
         self.num_val_iterations_per_epoch = 2
-        self.initial_lr = 1e-2

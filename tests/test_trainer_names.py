@@ -1,0 +1,91 @@
+"""Issue 6, unknown trainer names: `nnUNetv2_fseft_ext_path --list`, the benchmark's check of its `methods`, and
+`nnUNetv2_train -tr` with a name that differs from a plugin trainer only in case (trainers/name_check.py)."""
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from nnunetv2_fseft.benchmark.runner import check_methods
+from nnunetv2_fseft.cli import ext_path
+from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.trainer_names import plugin_trainers, stop_on_case_only_miss, suggestions
+
+BIN = Path(sys.executable).parent
+ERROR = "nnunetv2_fseft: error: "
+
+
+def test_list_prints_every_trainer_with_method_learning_rate_and_optimizer(capsys):
+    ext_path.main(["--list"])
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines}
+    assert list(rows) == list(plugin_trainers()) and len(rows) >= 30
+    assert rows["FSEFTLoRATrainer"] == ["lora", "lr", "1e-03", "AdamW"]
+    assert rows["FSEFTLinearProbeNoCacheTrainer"] == ["linear_probe,", "no", "feature", "cache", "lr", "1e-02", "AdamW"]
+    assert rows["FSEFTSpatialAdapterTITrainer"][:4] == ["spatial_adapter", "+", "size", "prior"]
+    assert rows["FSEFTScratchTrainer"] == ["stock", "nnU-Net", "lr", "1e-02", "SGD"]
+    assert rows["MultiTalentTrainer"][-3:] == ["lr", "1e-03", "SGD"]
+    assert "FSEFTTrainer" not in rows and "nnUNetTrainer" not in rows  # bases, not choices
+    ext_path.main([])
+    assert capsys.readouterr().out.strip() == ext_path.trainers_folder()
+
+
+def test_suggestions():
+    known = list(plugin_trainers())
+    assert suggestions("FSEFTLoraTrainer", known) == ["FSEFTLoRATrainer"]  # case only: that one alone
+    assert suggestions("FSEFTLinearProbTrainer", known)[0] == "FSEFTLinearProbeTrainer"
+    assert suggestions("FSEFTNoSuchTrainer", known) == []
+
+
+def _config(*methods):
+    return SimpleNamespace(methods=list(methods), scratch_trainer="FSEFTScratchTrainer")
+
+
+def test_benchmark_methods_unknown_name_is_one_line_with_the_valid_names(monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_extTrainer", ext_path.trainers_folder())
+    check_methods(_config("zeroshot", "scratch", "FSEFTLoRATrainer", "nnUNetTrainer"))  # all valid
+    with pytest.raises(FSEFTError) as e:
+        check_methods(_config("zeroshot", "FSEFTLoraTrainer"))
+    message = str(e.value)
+    assert message.startswith("unknown method/trainer 'FSEFTLoraTrainer'; did you mean FSEFTLoRATrainer? valid: "
+                              "zeroshot, scratch, FSEFTAdaptFormerTITrainer, ")
+    assert message.endswith(", or a trainer nnU-Net finds (built in or on nnUNet_extTrainer) "
+                            "(nnUNetv2_fseft_ext_path --list shows each with its method and learning rate)")
+    assert all(name in message for name in plugin_trainers()) and "\n" not in message
+    assert "Searching" not in capsys.readouterr().out  # nnU-Net's narration of its search is not shown
+
+
+def test_name_check_answers_only_case_only_misses(monkeypatch, tmp_path):
+    ours = ext_path.trainers_folder()
+    monkeypatch.setenv("nnUNet_extTrainer", ours)
+    module = importlib.import_module("nnunetv2_fseft_trainers.name_check")
+    assert not hasattr(module, "FSEFTLoRATrainer") and not hasattr(module, "MyTrainer")
+    assert not hasattr(module, "__path__")
+    with pytest.raises(SystemExit) as e:
+        hasattr(module, "FSEFTLoraTrainer")
+    assert str(e.value.code) == (f"{ERROR}unknown trainer 'FSEFTLoraTrainer'; did you mean FSEFTLoRATrainer? "
+                                 "(trainer names are case-sensitive; nnUNetv2_fseft_ext_path --list shows each with "
+                                 "its method and learning rate)")
+    # a folder after ours may hold a user's trainer of that name: then nnU-Net keeps looking
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([ours, str(tmp_path)]))
+    stop_on_case_only_miss("FSEFTLoraTrainer")
+    assert not hasattr(module, "FSEFTLoraTrainer")
+
+
+def test_nnunetv2_train_with_a_case_typo_prints_one_line(tmp_path):
+    """The exact command of the issue, through nnU-Net's console script (its -tr lookup runs before any dataset
+    is read, so empty nnU-Net folders suffice)."""
+    exe = BIN / "nnUNetv2_train"
+    if not exe.exists():
+        pytest.skip("nnUNetv2_train not installed")
+    env = dict(os.environ, nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path), nnUNet_results=str(tmp_path),
+               nnUNet_extTrainer=ext_path.trainers_folder(), nnUNet_n_proc_DA="0", nnUNet_compile="0")
+    r = subprocess.run([str(exe), "4", "3d_fullres", "0", "-tr", "FSEFTLoraTrainer", "-device", "cpu"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"{ERROR}unknown trainer 'FSEFTLoraTrainer'; did you mean FSEFTLoRATrainer? (trainer names are "
+        "case-sensitive; nnUNetv2_fseft_ext_path --list shows each with its method and learning rate)")
