@@ -1,6 +1,7 @@
 """Cost of each FSEFT method on one network and patch, in one run: trainable parameters; training step time
 and peak memory as ratios to full fine-tuning; adapter file vs checkpoint; the feature cache of the black-box
-methods (cached vs uncached step, one-off cache build); merged LoRA inference vs the base network.
+methods (cached vs uncached step, one-off cache build); activation checkpointing ("checkpointed" rows) for the
+methods whose gradients run through the network; merged LoRA inference vs the base network.
 
   python benchmarks/cost.py                                   # tiny preset, hippocampus-like input, CPU
   python benchmarks/cost.py --device cuda
@@ -31,6 +32,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 BLACK_BOX = ("linear_probe", "spatial_adapter")
+CHECKPOINTED = ("full", "lora", "cnn_adapter", "decoder_lora")  # gradients run through most of the network
 
 
 # ------------------------------------------------------------------ the default network: tiny preset, hippocampus-like
@@ -66,15 +68,21 @@ def tiny_hippocampus_plans() -> tuple:
 class Setup:
     """Network, optimizer and loss as FSEFTTrainer builds them, and one fixed random batch."""
 
-    def __init__(self, args, method: str, cached: bool = False):
+    def __init__(self, args, method: str, mode: str = ""):
+        """mode: '' (as the trainer runs it uncached), 'cached' (black-box head on pool features) or
+        'checkpointed' (activation checkpointing of every stage)."""
         from nnunetv2_fseft.networks import build_adapted_network
         from nnunetv2_fseft.peft import get_method
+        from nnunetv2_fseft.training.activation_checkpointing import enable_activation_checkpointing
         from nnunetv2_fseft.training.feature_cache import final_head, trunk_features
+        cached = mode == "cached"
         self.method, self.cached, self.device = method, cached, torch.device(args.device)
         self.deep_supervision = get_method(method).deep_supervision
         torch.manual_seed(0)
         self.network = build_adapted_network(args.plans_dict, args.configuration, args.dataset_dict, method,
                                              deep_supervision=self.deep_supervision).to(self.device)
+        if mode == "checkpointed":
+            enable_activation_checkpointing(self.network)
         self.params = [p for p in self.network.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-4)
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
@@ -153,10 +161,10 @@ def _rss_kib(field: str) -> int:
     raise KeyError(field)
 
 
-def memory_worker(args, method: str, cached: bool) -> dict:
+def memory_worker(args, method: str, mode: str) -> dict:
     """Peak memory of `warmup + 2` training steps, in bytes, and what the setup alone held before them."""
     torch.set_num_threads(args.threads)
-    setup = Setup(args, method, cached)
+    setup = Setup(args, method, mode)
     if setup.device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -184,10 +192,10 @@ def memory_worker(args, method: str, cached: bool) -> dict:
 def measure_memory(args, variants) -> dict:
     ctx = multiprocessing.get_context("spawn")
     out = {}
-    for method, cached in variants:
+    for method, mode in variants:
         with ProcessPoolExecutor(1, mp_context=ctx) as ex:
-            out[(method, cached)] = ex.submit(memory_worker, args, method, cached).result()
-        print(f"  memory {label(method, cached)}: peak {out[(method, cached)]['peak'] / 2**20:.0f} MiB", flush=True)
+            out[(method, mode)] = ex.submit(memory_worker, args, method, mode).result()
+        print(f"  memory {label(method, mode)}: peak {out[(method, mode)]['peak'] / 2**20:.0f} MiB", flush=True)
     return out
 
 
@@ -239,9 +247,9 @@ def inference_times(args, setups: dict) -> dict:
                 p.normal_(0, 0.01)
     nets["lora (unmerged)"] = lora
     nets["lora merged"] = merge_peft(copy.deepcopy(lora))
-    x = setups[("full", False)].data[:1]
-    amp = setups[("full", False)].amp
-    sync = setups[("full", False)].sync
+    x = setups[("full", "")].data[:1]
+    amp = setups[("full", "")].amp
+    sync = setups[("full", "")].sync
     times = {k: [] for k in nets}
     for k, net in nets.items():
         net.to(device).eval()
@@ -283,8 +291,8 @@ def file_sizes(setup) -> tuple:
 
 # ------------------------------------------------------------------ table
 
-def label(method: str, cached: bool) -> str:
-    return f"{method} (cached)" if cached else method
+def label(method: str, mode: str) -> str:
+    return f"{method} ({mode})" if mode else method
 
 
 def human(n: float) -> str:
@@ -298,7 +306,7 @@ def report(args, rows, mem, steps, sizes, infer, build) -> str:
     from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
     dev = args.device
     mem_name = "peak RSS" if dev == "cpu" else "max_memory_allocated"
-    full_t, full_m = steps[("full", False)], mem[("full", False)]
+    full_t, full_m = steps[("full", "")], mem[("full", "")]
     full_extra = full_m["peak"] - full_m["before"]
     arch = args.plans_dict["configurations"][args.configuration]["architecture"]
     lines = [f"# Cost per FSEFT method ({dev})", "",
@@ -312,14 +320,14 @@ def report(args, rows, mem, steps, sizes, infer, build) -> str:
              f"| method | trainable | step (s) | step / full FT | {mem_name} | / full FT | training extra / full FT "
              "| adapter file | checkpoint_final.pth | adapter / checkpoint |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for method, cached, total, trainable in rows:
-        key = (method, cached)
+    for method, mode, total, trainable in rows:
+        key = (method, mode)
         m, t = mem[key], steps[key]
         extra = m["peak"] - m["before"]
         size = sizes.get(method)
-        files = (f"{human(size[0])} | {human(size[1])} | 1/{size[1] / size[0]:,.0f}" if size and not cached
+        files = (f"{human(size[0])} | {human(size[1])} | 1/{size[1] / size[0]:,.0f}" if size and not mode
                  else "(same) | | ")
-        lines.append(f"| {label(method, cached)} | {trainable:,} | {t:.3f} | {t / full_t:.3f} | "
+        lines.append(f"| {label(method, mode)} | {trainable:,} | {t:.3f} | {t / full_t:.3f} | "
                      f"{human(m['peak'])} | {m['peak'] / full_m['peak']:.2f} | {extra / full_extra:.2f} | {files} |")
     pool = FSEFTTrainer.feature_pool_size
     per_pool = -(-pool // args.batch)
@@ -333,9 +341,9 @@ def report(args, rows, mem, steps, sizes, infer, build) -> str:
     refresh = FSEFTTrainer.feature_refresh_every
     passes = per_pool + ((1000 - per_pool) // refresh if refresh else 0)
     for method in BLACK_BOX:
-        if (method, True) not in steps:
+        if (method, "cached") not in steps:
             continue
-        u, c = steps[(method, False)], steps[(method, True)]
+        u, c = steps[(method, "")], steps[(method, "cached")]
         amortised = c + passes * build[method] / 1000
         lines.append(f"| {method} | {u:.4f} | {c:.4f} | {u / c:.1f}x | {full_t / c:.1f}x | {build[method]:.4f} | "
                      f"{per_pool * build[method]:.2f} | {amortised:.4f} | {u / amortised:.1f}x |")
@@ -397,13 +405,14 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     from nnunetv2_fseft.peft import METHODS, count_parameters
     methods = ["full"] + [m for m in (args.methods or METHODS) if m != "full"]
-    variants = [(m, False) for m in methods] + [(m, True) for m in BLACK_BOX if m in methods]
+    variants = [(m, "") for m in methods] + [(m, "cached") for m in BLACK_BOX if m in methods] + \
+        [(m, "checkpointed") for m in CHECKPOINTED if m in methods]
     print(f"{len(variants)} variants on {args.device}; memory first (one process each), then step times", flush=True)
     mem = measure_memory(args, variants)
     setups = {v: Setup(args, *v) for v in variants}
     steps = measure_step_times(args, setups)
-    sizes = {m: file_sizes(setups[(m, False)]) for m in methods}
-    build = {m: cache_build(args, setups[(m, False)]) for m in BLACK_BOX if m in methods}
+    sizes = {m: file_sizes(setups[(m, "")]) for m in methods}
+    build = {m: cache_build(args, setups[(m, "")]) for m in BLACK_BOX if m in methods}
     infer = inference_times(args, setups)
     rows = [(m, c, *reversed(count_parameters(setups[(m, c)].network))) for m, c in variants]
     rows = [(m, c, total, trainable) for m, c, total, trainable in rows]

@@ -12,6 +12,7 @@ from torch._dynamo import OptimizedModule
 
 from ..checkpoints import atomic_write, load_foundation, save_adapter, sha256
 from ..errors import FSEFTError, fail
+from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
 from ..peft import apply_peft, count_parameters, get_method, resolved_options
@@ -35,6 +36,8 @@ class FSEFTTrainer(nnUNetTrainer):
     feature_pool_memory_mb = 2048     # past this, pool samples go to a temporary folder in output_folder
     feature_dtype = torch.float16
     feature_cache = None              # the FeatureCache while training, when used
+    # recompute each stage's activations in backward (less memory, ~1 extra forward); docs/cost.md
+    activation_checkpointing = False
     _resume_cache_from = None         # (checkpoint, epoch) loaded by --c: its sidecar refills the pool
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -73,6 +76,9 @@ class FSEFTTrainer(nnUNetTrainer):
         trainable, total = count_parameters(self.plain_network())
         self.print_to_log_file(f"FSEFT method '{self.peft_method}' {resolved_options(self.peft_method, self.peft_options)}: "
                                f"training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
+        if self.activation_checkpointing:
+            stages = enable_activation_checkpointing(self.plain_network())
+            self.print_to_log_file(f"activation checkpointing: {stages} encoder/decoder stages")
         self._route_pretrained_weights()
 
     def _route_pretrained_weights(self):
