@@ -260,7 +260,7 @@ def test_support_case_lacking_the_target_class_is_refused(env, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["-d", 11, "--preset", "huge"], "unknown plan preset 'huge'; available presets: foundation_ct, tiny"),
+    (["-d", 11, "--preset", "huge"], "unknown plan preset 'huge'; available presets: abdomen_cpu, foundation_ct, tiny"),
     (["-d", 77, "--preset", "tiny"], "cannot find dataset '77': no such id in nnUNet_raw="),
 ], ids=["unknown preset", "unknown dataset id"])
 def test_plan_unknown_names(env, capsys, argv, message):
