@@ -5,10 +5,11 @@ abdomen_priors.json). WORKDIR holds synth/<domain>/<subject>/ (the synthetic cas
 folders) and abdomen_data.json (what abdomen_data.py wrote, and with which settings).
 """
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Tuple
+
+from bench_env import setup_env  # noqa: F401 (the drivers import it from here)
 
 HERE = Path(__file__).resolve().parent
 LABEL_MAPS = HERE.parents[1] / "shared" / "data" / "abdomen_labels_l2r"
@@ -68,14 +69,3 @@ def cases_by_domain() -> dict:
     return {d: sorted(s) for d, s in wanted.items()}
 
 
-def setup_env(work: Path) -> None:
-    """nnU-Net's folders in WORKDIR; the plugin's and the benchmarks' trainers on nnUNet_extTrainer. Must run before
-    nnunetv2 is imported (nnunetv2.paths reads the variables once)."""
-    for d in ("raw", "pre", "res"):
-        (work / d).mkdir(parents=True, exist_ok=True)
-    from nnunetv2_fseft.cli.ext_path import trainers_folder
-    os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "pre"),
-                      nnUNet_results=str(work / "res"), nnUNet_compile="0", nnUNet_def_n_proc="1",
-                      nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "2"),  # nnU-Net would start 12 on 2 cores
-                      OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-                      nnUNet_extTrainer=os.pathsep.join([trainers_folder(), str(HERE / "ext")]))

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import bench_env
+
 HERE = Path(__file__).resolve().parent
 SOURCE = HERE.parents[1] / "shared" / "data" / "hippocampus" / "Dataset004_Hippocampus"
 SPLIT = json.loads((HERE / "hippocampus_split.json").read_text())
@@ -18,17 +20,10 @@ FOUNDATION_TRAINER = "nnUNetTrainer_20x50"
 
 
 def setup_env(work: Path) -> None:
-    """nnU-Net's folders in WORKDIR; the plugin's and the benchmarks' trainers on nnUNet_extTrainer."""
+    """bench_env.setup_env, once the hippocampus source is there."""
     if not SOURCE.is_dir():
         sys.exit(f"{SOURCE} not found: the hippocampus benchmarks need ../shared/data (see its README)")
-    for d in ("raw", "pre", "res"):
-        (work / d).mkdir(parents=True, exist_ok=True)
-    from nnunetv2_fseft.cli.ext_path import trainers_folder
-    os.environ.update(nnUNet_raw=str(work / "raw"), nnUNet_preprocessed=str(work / "pre"),
-                      nnUNet_results=str(work / "res"), nnUNet_compile="0", nnUNet_def_n_proc="1",
-                      nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA", "2"),  # nnU-Net would start 12 on 2 cores
-                      OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-                      nnUNet_extTrainer=os.pathsep.join([trainers_folder(), str(HERE / "ext")]))
+    bench_env.setup_env(work)
 
 
 def run(cmd, log: Path) -> float:
