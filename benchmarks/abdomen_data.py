@@ -119,7 +119,6 @@ def main(argv=None):
     work = Path(args.workdir).resolve()
     labels = Path(args.labels).resolve()
     setup_env(work)  # before anything imports nnunetv2
-    import torch
     from nnunetv2_fseft.errors import FSEFTError
     from nnunetv2_fseft.synth import require_torchio
     from nnunetv2_fseft.synth.ct import read_organ_names
@@ -132,6 +131,7 @@ def main(argv=None):
         check_inputs(labels, organs)
         refuse_existing(work, args.overwrite)
         require_torchio()
+        import torch
         torch.set_num_threads(max(1, args.threads))
         synthesise_cases(work, labels, organs, priors, args)
         build_datasets(work, priors, args)

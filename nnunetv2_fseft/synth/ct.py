@@ -12,6 +12,7 @@ Deterministic: the anatomy (fat layer, bowel, stomach gas) depends on (subject, 
 patient's; intensities, blur, shading and noise on (subject, domain, seed). torch's global random state is left as
 it was.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -124,8 +125,12 @@ def _synthesize(tio, torch, label_file, organs, priors, subject, domain, seed, s
 
 
 def case_record(subject: str, domain: str, seed: int, spacing_mm: float, priors: Priors, label_file) -> dict:
+    """What a case is made from; a cached case is reused only when all of it matches (the label map by content, so
+    a moved copy still matches and an edited one does not)."""
     return {"generator": "nnunetv2_fseft.synth", "version": VERSION, "subject": subject, "domain": domain,
-            "seed": seed, "spacing_mm": spacing_mm, "priors_sha256": priors.sha256, "label_map": str(label_file),
+            "seed": seed, "spacing_mm": spacing_mm, "priors_sha256": priors.sha256,
+            "label_map": Path(label_file).name,
+            "label_map_sha256": hashlib.sha256(Path(label_file).read_bytes()).hexdigest(),
             "note": "real anatomy, synthetic intensities"}
 
 
