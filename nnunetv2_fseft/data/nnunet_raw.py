@@ -261,15 +261,12 @@ def link_file(src: Path, dst: Path):
     """Hardlink, else symlink, else copy: images are never rewritten. A link *is* the source file, so
     nothing here ever opens dst for writing (nor does nnU-Net, which only reads nnUNet_raw)."""
     src = Path(os.path.realpath(src))
-    try:
-        os.link(src, dst)
-        return
-    except OSError:  # other file system, or a file we do not own (fs.protected_hardlinks)
-        pass
-    try:
-        os.symlink(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+    for link in (os.link, os.symlink):
+        try:
+            return link(src, dst)
+        except OSError:  # other file system, a file we do not own (fs.protected_hardlinks), no symlinks
+            continue
+    shutil.copy2(src, dst)
 
 
 def dataset_folder_name(dataset_id: int, name: str) -> str:

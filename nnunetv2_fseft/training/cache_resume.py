@@ -40,15 +40,22 @@ def save_sidecar(cache, checkpoint, epoch: int) -> None:
         path.unlink(missing_ok=True)
         return
     previous = getattr(cache, "saved_to", None)
-    if previous is not None and previous[0] == cache.steps and previous[1] != path and previous[1].is_file():
-        try:  # checkpoint_latest and checkpoint_best of one epoch hold the same state: a hard link, not a copy
-            atomic_write(path, lambda tmp: os.link(previous[1], tmp))
-            return
-        except OSError:
-            pass
+    if previous is not None and previous[0] == cache.steps and previous[1] != path and previous[1].is_file() \
+            and _hard_link(previous[1], path):
+        return
     state = dict(cache.state(), format=FORMAT, epoch=epoch)
     atomic_write(path, lambda tmp: torch.save(state, tmp))
     cache.saved_to = (cache.steps, path)
+
+
+def _hard_link(source: Path, path: Path) -> bool:
+    """checkpoint_latest and checkpoint_best of one epoch hold the same state: link it rather than write it twice.
+    False where the file system cannot (the caller then writes a copy)."""
+    try:
+        atomic_write(path, lambda tmp: os.link(source, tmp))
+        return True
+    except OSError:
+        return False
 
 
 def remove_sidecars(folder) -> None:
