@@ -159,6 +159,8 @@ def test_nnunet_do_split_returns_supports_and_query(tmp_path, monkeypatch):
                nnUNet_results=str(tmp_path / "res"), nnUNet_def_n_proc="1")
     for var in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.setenv(var, env[var])
+    # nnU-Net 2.8.1's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which fails for 0
+    env.pop("nnUNet_n_proc_DA", None)
     exe = Path(sys.executable).with_name("nnUNetv2_plan_and_preprocess")
     subprocess.run([str(exe), "-d", "987", "-c", "3d_fullres", "-np", "1", "-npfp", "1"], env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
