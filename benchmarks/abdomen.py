@@ -235,7 +235,8 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
         config = load_config(config_file)
         check_methods(config)  # a mistyped method fails now, not after hours of pre-training
         foundation(work, args.device)
-        result = run_benchmark(config)
+        # published after every cell, so an interrupted sitting leaves its tables
+        result = run_benchmark(config, on_cell=lambda records: publish(results, n, records, target, command))
     except FSEFTError as e:
         die(str(e))
     publish(results, n, result["records"], target, command)

@@ -61,8 +61,17 @@ def test_zeroshot_refuses_a_target_without_a_shared_class(world):
 
 def test_benchmark_runs_every_cell_through_nnunet_and_resumes(world, tmp_path, capsys):
     config = load_config(_config(world, tmp_path))
-    result = run_benchmark(config, progress=False)
+    seen = []
+
+    def on_cell(done):  # the tables are current after every cell: an interrupted run keeps them
+        seen.append([(r["method"], r["k"]) for r in done])
+        assert f"| {done[-1]['method']} |" in (config.output / "results.md").read_text()
+
+    result = run_benchmark(config, progress=False, on_cell=on_cell)
     records = result["records"]
+    # K-major within a seed (seed-major overall): every method is compared on K=1 before K=2 starts
+    assert seen[-1] == [(m, k) for k in (1, 2) for m in ("zeroshot", "scratch", "FSEFTLinearProbeTrainer_test")]
+    assert [len(s) for s in seen] == list(range(1, 7))
     assert {(r["method"], r["k"]) for r in records} == {(m, k) for m in ("zeroshot", "scratch",
                                                                          "FSEFTLinearProbeTrainer_test")
                                                         for k in (1, 2)}
@@ -88,8 +97,8 @@ def test_benchmark_runs_every_cell_through_nnunet_and_resumes(world, tmp_path, c
 
     # a re-run trains nothing and reports the same numbers
     mtimes = {p: p.stat().st_mtime for p in (world["root"] / "res").rglob("checkpoint_final.pth")}
-    again = run_benchmark(config, progress=False)
-    assert again["records"] == records
+    again = run_benchmark(config, progress=False, on_cell=on_cell)
+    assert again["records"] == records and len(seen) == 6
     assert mtimes == {p: p.stat().st_mtime for p in (world["root"] / "res").rglob("checkpoint_final.pth")}
 
 

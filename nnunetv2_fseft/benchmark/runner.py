@@ -79,11 +79,14 @@ def _covers(table: dict, config: BenchmarkConfig, query) -> bool:
 def plan_cells(config: BenchmarkConfig, table: dict) -> list:
     folds = {(f["k"], f["seed"]): f["fold"] for f in table["folds"]}
     trainers = {"zeroshot": "", "scratch": config.scratch_trainer}
+    # Seed-major order: an interrupted run leaves every method compared on the same seeds, not some methods done.
     return [Cell(m, k, s, folds[(k, s)], trainers.get(m, m))
-            for m in config.methods for k in config.ks for s in config.seeds]
+            for s in config.seeds for k in config.ks for m in config.methods]
 
 
-def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
+def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) -> dict:
+    """Runs the cells not done yet. The reports are rewritten after every new cell (so a long run interrupted
+    part-way still has its tables); `on_cell(records)` is called then too, for callers that publish elsewhere."""
     env = plugin_environment()
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]  # for the in-process checks and zero-shot
     check_methods(config)
@@ -102,7 +105,12 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True) -> dict:
             records.append(json.loads(record_file.read_text()))
             continue
         records.append(_run_cell(config, name, dataset_json, cell, logs / f"{cell.key}.log", env, cells_dir))
-        record_file.write_text(json.dumps(records[-1], indent=2))
+        partial = record_file.with_suffix(".json.partial")  # atomic: a kill mid-write must not break resuming
+        partial.write_text(json.dumps(records[-1], indent=2))
+        os.replace(partial, record_file)
+        write_reports(config, name, records)
+        if on_cell:
+            on_cell(records)
     return write_reports(config, name, records)
 
 
