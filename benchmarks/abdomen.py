@@ -113,9 +113,18 @@ def label_values(dataset_json: dict) -> dict:
     return {k: (v[0] if isinstance(v, list) else v) for k, v in dataset_json["labels"].items() if k != "background"}
 
 
-def predict_and_score(work: Path, model: Path, name: str, device: str) -> dict:
+def is_sigmoid(model: Path) -> bool:
+    """MultiTalent's models are region-based: one sigmoid per class, which nnU-Net turns into a label map."""
+    labels = json.loads((model / "dataset.json").read_text())["labels"]
+    return any(isinstance(v, list) for v in labels.values())
+
+
+def predict_and_score(work: Path, model: Path, name: str, device: str) -> tuple:
     """The query subjects (domain A) predicted by `model`, mapped by class name onto 812's labels, scored per organ
-    by nnU-Net's evaluation. Organs the model does not output score 0 (never predicted)."""
+    by nnU-Net's evaluation. Organs the model does not output score 0 (never predicted).
+    Returns (Dice of the label map, Dice of each sigmoid > 0.5 or None). The label map is what nnUNetv2_predict
+    writes; where sigmoids overlap nnU-Net keeps the later class, so a sigmoid model is also scored per class as
+    MultiTalent evaluates it."""
     import SimpleITK as sitk
     import numpy as np
     import torch
@@ -125,13 +134,16 @@ def predict_and_score(work: Path, model: Path, name: str, device: str) -> dict:
     raw = work / "raw" / QUERY_A.folder_name
     out = work / "exp1" / "predictions" / name
     out.mkdir(parents=True, exist_ok=True)
-    todo = [s for s in QUERY_A.subjects if not (out / f"{s}.nii.gz").is_file()]
+    sigmoid = is_sigmoid(model)
+    todo = [s for s in QUERY_A.subjects
+            if not (out / f"{s}.nii.gz").is_file() or (sigmoid and not (out / f"{s}.npz").is_file())]
     if todo:
         predictor = nnUNetPredictor(use_mirroring=False, device=torch.device(device),
                                     perform_everything_on_device=device != "cpu", allow_tqdm=False)
         predictor.initialize_from_trained_model_folder(str(model), (0,))
         predictor.predict_from_files([[str(raw / "imagesTr" / f"{s}_0000.nii.gz")] for s in todo],
-                                     [str(out / s) for s in todo], num_processes_preprocessing=1,
+                                     [str(out / s) for s in todo], save_probabilities=sigmoid,
+                                     num_processes_preprocessing=1,
                                      num_processes_segmentation_export=1)
     model_labels = label_values(json.loads((model / "dataset.json").read_text()))
     truth_labels = label_values(json.loads((raw / "dataset.json").read_text()))
@@ -151,48 +163,89 @@ def predict_and_score(work: Path, model: Path, name: str, device: str) -> dict:
                                         SimpleITKIO(), ".nii.gz", sorted(truth_labels.values()), num_processes=1,
                                         chill=True)
     organ_of = {v: k for k, v in truth_labels.items()}
-    return {organ_of[int(k)]: v["Dice"] for k, v in summary["mean"].items()}
+    dice = {organ_of[int(k)]: v["Dice"] for k, v in summary["mean"].items()}
+    return dice, (sigmoid_dice(out, raw / "labelsTr", model_labels, truth_labels) if sigmoid else None)
+
+
+def sigmoid_dice(predictions: Path, truth_folder: Path, model_labels: dict, truth_labels: dict) -> dict:
+    """Mean Dice over the query subjects of each class's own sigmoid > 0.5 (overlaps allowed), from the
+    probabilities nnU-Net saved (channel i = the model's i-th class, in the original image's grid)."""
+    import SimpleITK as sitk
+    import numpy as np
+    scores = {organ: [] for organ in model_labels if organ in truth_labels}
+    for s in QUERY_A.subjects:
+        probabilities = np.load(predictions / f"{s}.npz")["probabilities"]
+        truth = sitk.GetArrayFromImage(sitk.ReadImage(str(truth_folder / f"{s}.nii.gz")))
+        for channel, organ in enumerate(model_labels):
+            if organ in scores:
+                p, t = probabilities[channel] > 0.5, truth == truth_labels[organ]
+                scores[organ].append(2 * (p & t).sum() / max(1, p.sum() + t.sum()))
+    return {organ: float(np.mean(v)) for organ, v in scores.items()}
 
 
 def experiment1(work: Path, results: Path, command: str, device: str) -> None:
     records = []
     for name, (dataset, trainer) in PRETRAIN.items():
         record_file = work / "exp1" / f"{name}.json"
-        if record_file.is_file():
-            records.append(json.loads(record_file.read_text()))
+        model = model_folder(work, dataset, trainer)
+        old = json.loads(record_file.read_text()) if record_file.is_file() else None
+        if old and not (is_sigmoid(model) and old.get("dice_per_class_sigmoid") is None):
+            records.append(old)
             continue
-        plan_pretraining(work, dataset)
-        seconds = train(work, dataset, trainer, device)
-        dice = predict_and_score(work, model_folder(work, dataset, trainer), name, device)
+        if old:  # recorded before the per-class sigmoid scoring existed: score again, keep its training time
+            seconds = old["train_seconds"] or 0.0
+        else:
+            plan_pretraining(work, dataset)
+            seconds = train(work, dataset, trainer, device)
+        dice, per_sigmoid = predict_and_score(work, model, name, device)
         records.append({"model": name, "trainer": trainer, "dataset": dataset, "dice_per_class": dice,
-                        "dice": sum(dice.values()) / len(dice), "train_seconds": round(seconds, 1) or None})
+                        "dice": sum(dice.values()) / len(dice), "train_seconds": round(seconds, 1) or None,
+                        "dice_per_class_sigmoid": per_sigmoid})
         record_file.parent.mkdir(parents=True, exist_ok=True)
         record_file.write_text(json.dumps(records[-1], indent=2))
         print(name, {k: round(v, 3) for k, v in dice.items()}, flush=True)
     write_experiment1(results, records, command)
 
 
+def scored_rows(records: list) -> list:
+    """One row per model scored on its label map, plus one per sigmoid model scored class by class."""
+    rows = []
+    for r in records:
+        rows.append(dict(r, scoring="label map"))
+        if r.get("dice_per_class_sigmoid"):
+            per = r["dice_per_class_sigmoid"]
+            rows.append(dict(r, scoring="each sigmoid > 0.5", dice_per_class=per, dice=sum(per.values()) / len(per)))
+    return rows
+
+
 def write_experiment1(results: Path, records: list, command: str) -> None:
     organs = list(QUERY_A.organs)
+    rows = scored_rows(records)
     results.mkdir(parents=True, exist_ok=True)
     with open(results / "abdomen_exp1_cpu.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["model", "trainer", "dataset", "dice"] + [f"dice_{o}" for o in organs] + ["train_seconds"])
-        for r in records:
-            w.writerow([r["model"], r["trainer"], r["dataset"], r["dice"]]
+        w.writerow(["model", "trainer", "dataset", "scoring", "dice"] + [f"dice_{o}" for o in organs]
+                   + ["train_seconds"])
+        for r in rows:
+            w.writerow([r["model"], r["trainer"], r["dataset"], r["scoring"], r["dice"]]
                        + [r["dice_per_class"].get(o) for o in organs] + [r["train_seconds"]])
     title = f"Abdominal benchmark, experiment 1: partial-label pre-training ({TAG})"
     lines = [f"# {title}", "", *header(command),
              "Dice per organ on the 7 query subjects in domain A (dataset 812, never trained on), one run each.", "",
-             "| model | trainer | mean | " + " | ".join(organs) + " | train time |",
-             "|---|---|---:|" + "---:|" * len(organs) + "---:|"]
-    for r in records:
+             "Label map: what nnUNetv2_predict writes (where sigmoids overlap, nnU-Net keeps the later class). "
+             "Each sigmoid > 0.5: MultiTalent's own per-class evaluation, overlaps allowed.", "",
+             "| model | trainer | scoring | mean | " + " | ".join(organs) + " | train time |",
+             "|---|---|---|---:|" + "---:|" * len(organs) + "---:|"]
+    for r in rows:
         seconds = r.get("train_seconds")
-        lines.append(f"| {r['model']} | {r['trainer']} | {r['dice']:.3f} | "
+        lines.append(f"| {r['model']} | {r['trainer']} | {r['scoring']} | {r['dice']:.3f} | "
                      + " | ".join(f"{r['dice_per_class'].get(o, float('nan')):.3f}" for o in organs)
                      + f" | {'' if not seconds else f'{seconds / 60:.0f} min'} |")
     (results / "abdomen_exp1_cpu.md").write_text("\n".join(lines) + "\n")
-    plot_experiment1(results / "abdomen_exp1_cpu.png", records, organs, title)
+    plot_experiment1(results / "abdomen_exp1_cpu.png", rows, organs, title)
+
+
+SCORING_SUFFIX = {"each sigmoid > 0.5": ", each sigmoid"}
 
 
 def plot_experiment1(path: Path, records: list, organs: list, title: str) -> None:
@@ -204,7 +257,7 @@ def plot_experiment1(path: Path, records: list, organs: list, title: str) -> Non
     width = 0.8 / max(1, len(records))
     for i, r in enumerate(records):
         ax.bar(np.arange(len(organs)) + i * width, [r["dice_per_class"].get(o, 0) for o in organs], width,
-               label=f"{r['model']} (mean {r['dice']:.2f})")
+               label=f"{r['model']}{SCORING_SUFFIX.get(r.get('scoring'), '')} (mean {r['dice']:.2f})")
     ax.set_xticks(np.arange(len(organs)) + width * (len(records) - 1) / 2)
     ax.set_xticklabels([o.replace("_", " ") for o in organs], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("Dice on the query subjects")

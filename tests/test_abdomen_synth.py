@@ -345,7 +345,11 @@ def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path, monke
     organs = list(SPLIT["known_organs"])
     exp1 = [{"model": m, "trainer": "T", "dataset": "D", "dice_per_class": {o: 0.5 for o in organs}, "dice": 0.5,
              "train_seconds": 60.0} for m in ("multitalent", "naive", "upper")]
+    exp1[0]["dice_per_class_sigmoid"] = {o: 0.75 for o in organs}
     abdomen.write_experiment1(tmp_path, exp1, "python benchmarks/abdomen.py W --experiment 1")
+    exp1_table = (tmp_path / "abdomen_exp1_cpu.md").read_text()
+    assert "| multitalent | T | label map | 0.500 |" in exp1_table
+    assert "| multitalent | T | each sigmoid > 0.5 | 0.750 |" in exp1_table
     cells = [{"method": m, "k": k, "seed": s, "fold": 0, "dice": 0.4, "dice_per_class": {"pancreas": 0.4}}
              for m in ("scratch", "FSEFTLoRATrainer_abd") for k in (1, 5) for s in (0, 1)]
     abdomen.publish(tmp_path, 3, cells, abdomen.NOVEL_B, "python benchmarks/abdomen.py W --experiment 3")
@@ -356,3 +360,23 @@ def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path, monke
         assert (tmp_path / f"abdomen_exp{n}_cpu.png").stat().st_size > 0
         assert (tmp_path / f"abdomen_exp{n}_cpu.csv").read_text().count("\n") > 1
     assert "0.400 ± 0.000" in (tmp_path / "abdomen_exp3_cpu.md").read_text()  # mean ± std over seeds
+
+
+def test_sigmoid_scoring_keeps_a_class_the_label_map_overwrites(tmp_path, monkeypatch):
+    """Two sigmoids firing on one kidney: the label map keeps the later class, per-class scoring keeps both."""
+    import numpy as np
+    import SimpleITK as sitk
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import abdomen
+    truth = np.zeros((4, 4, 8), np.uint8)
+    truth[:, :, :4], truth[:, :, 4:] = 4, 5  # right kidney, left kidney
+    probabilities = np.zeros((2, 4, 4, 8), np.float32)
+    probabilities[0][truth == 4] = 0.9       # kidney_right: exactly the right kidney
+    probabilities[1] = 0.9                   # kidney_left: fires on both kidneys
+    (tmp_path / "truth").mkdir()
+    for s in abdomen.QUERY_A.subjects:
+        np.savez(tmp_path / f"{s}.npz", probabilities=probabilities)
+        sitk.WriteImage(sitk.GetImageFromArray(truth), str(tmp_path / "truth" / f"{s}.nii.gz"))
+    dice = abdomen.sigmoid_dice(tmp_path, tmp_path / "truth", {"kidney_right": [4, 4], "kidney_left": [5, 5]},
+                                {"kidney_right": 4, "kidney_left": 5})
+    assert dice["kidney_right"] == 1.0 and abs(dice["kidney_left"] - 2 * 64 / (128 + 64)) < 1e-6
