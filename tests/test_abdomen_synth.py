@@ -380,3 +380,35 @@ def test_sigmoid_scoring_keeps_a_class_the_label_map_overwrites(tmp_path, monkey
     dice = abdomen.sigmoid_dice(tmp_path, tmp_path / "truth", {"kidney_right": [4, 4], "kidney_left": [5, 5]},
                                 {"kidney_right": 4, "kidney_left": 5})
     assert dice["kidney_right"] == 1.0 and abs(dice["kidney_left"] - 2 * 64 / (128 + 64)) < 1e-6
+
+
+def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigmoid_scores(tmp_path, monkeypatch):
+    """A re-run must not train again: complete records are kept as they are; a record written before per-sigmoid
+    scoring existed is scored again and keeps its training time."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import abdomen
+    organs = list(SPLIT["known_organs"])
+    (tmp_path / "exp1").mkdir()
+    for m in ("naive", "upper"):
+        (tmp_path / "exp1" / f"{m}.json").write_text(json.dumps(
+            {"model": m, "trainer": "T", "dataset": "D", "dice_per_class": {o: 0.5 for o in organs}, "dice": 0.5,
+             "train_seconds": 60.0, "dice_per_class_sigmoid": None}))
+    (tmp_path / "exp1" / "multitalent.json").write_text(json.dumps(
+        {"model": "multitalent", "trainer": "T", "dataset": "D", "dice_per_class": {o: 0.1 for o in organs},
+         "dice": 0.1, "train_seconds": 90.0}))
+
+    def no_training(*args):
+        raise AssertionError("a finished model was trained again")
+    scored = []
+
+    def fake_score(work, model, name, device):
+        scored.append(name)
+        return {o: 0.2 for o in organs}, {o: 0.3 for o in organs}
+    monkeypatch.setattr(abdomen, "train", no_training)
+    monkeypatch.setattr(abdomen, "plan_pretraining", no_training)
+    monkeypatch.setattr(abdomen, "predict_and_score", fake_score)
+    abdomen.experiment1(tmp_path, tmp_path / "results", "cmd", "cpu")
+    assert scored == ["multitalent"]
+    record = json.loads((tmp_path / "exp1" / "multitalent.json").read_text())
+    assert record["train_seconds"] == 90.0 and record["dice_per_class_sigmoid"] == {o: 0.3 for o in organs}
+    assert "| naive | T | label map | 0.500 |" in (tmp_path / "results" / "abdomen_exp1_cpu.md").read_text()
