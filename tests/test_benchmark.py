@@ -141,3 +141,20 @@ def test_cells_are_paired_on_one_initialisation_per_seed(world, monkeypatch):
 
     assert torch.equal(initial_head(FSEFTLinearProbeTrainer, "3"), initial_head(FSEFTLinearProbeNoCacheTrainer, "3"))
     assert not torch.equal(initial_head(FSEFTLinearProbeTrainer, "3"), initial_head(FSEFTLinearProbeTrainer, "4"))
+
+
+def test_peak_rss_is_the_commands_own_not_the_drivers(tmp_path):
+    """A forked child inherits its parent's peak RSS on Linux: a driver holding 600 MB must not make a 100 MB
+    command look like 600 MB, and what the command allocates must show."""
+    import sys
+    from nnunetv2_fseft.benchmark.cells import run_logged
+    held = bytearray(600 * 2**20)
+    held[::4096] = b"\1" * len(held[::4096])  # touch every page: resident
+    small = run_logged([sys.executable, "-c", "pass"], tmp_path / "small.log", {})
+    big = run_logged([sys.executable, "-c", "b = bytearray(300 * 2**20); b[::4096] = b'1' * len(b[::4096])"],
+                     tmp_path / "big.log", {})
+    del held
+    assert small["peak_rss_mb"] < 200
+    assert 300 <= big["peak_rss_mb"] < 550
+    with pytest.raises(FSEFTError, match="exit code 3"):
+        run_logged([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log", {})

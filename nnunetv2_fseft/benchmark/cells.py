@@ -43,18 +43,28 @@ def console_script(name: str) -> str:
     return str(here) if here.is_file() else name
 
 
+# Linux keeps a process's peak RSS across fork and exec, so a command forked straight from a driver that holds
+# 2 GB reports 2 GB whatever it uses itself. A tiny launcher forks the command and reports its child's peak.
+_LAUNCHER = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[2:])\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+             "sys.exit(os.waitstatus_to_exitcode(status) & 255)\n")
+
+
 def run_logged(cmd: list, log: Path, env: dict) -> dict:
-    """Run a command with its output in `log`; wall time and the peak RSS of its process (wait4's rusage)."""
+    """Run a command with its output in `log`; wall time and its peak RSS (through _LAUNCHER)."""
+    import tempfile
     t0 = time.monotonic()
-    with open(log, "a") as f:
+    with open(log, "a") as f, tempfile.TemporaryDirectory() as tmp:
         f.write("$ " + " ".join(cmd) + "\n")
         f.flush()
-        process = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        raise FSEFTError(f"{cmd[0]} failed (exit code {process.returncode}); see the end of {log}")
-    return {"train_seconds": round(time.monotonic() - t0, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+        peak = Path(tmp) / "maxrss_kb"
+        returncode = subprocess.run([sys.executable, "-I", "-c", _LAUNCHER, str(peak)] + cmd, stdout=f,
+                                    stderr=subprocess.STDOUT, env=env).returncode
+        if returncode:
+            raise FSEFTError(f"{cmd[0]} failed (exit code {returncode}); see the end of {log}")
+        return {"train_seconds": round(time.monotonic() - t0, 1), "peak_rss_mb": round(int(peak.read_text()) / 1024, 1)}
 
 
 def model_folder(config: BenchmarkConfig, dataset_name: str, trainer: str) -> Path:
