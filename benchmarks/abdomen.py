@@ -241,6 +241,9 @@ def write_experiment1(results: Path, records: list, command: str) -> None:
         lines.append(f"| {r['model']} | {r['trainer']} | {r['scoring']} | {r['dice']:.3f} | "
                      + " | ".join(f"{r['dice_per_class'].get(o, float('nan')):.3f}" for o in organs)
                      + f" | {'' if not seconds else f'{seconds / 60:.0f} min'} |")
+    earlier = [f"- {r['model']}: {r['measured']}" for r in records if r.get("measured")]  # restored records
+    if earlier:
+        lines += ["", "Rows measured in an earlier run (training times then were under a heavier load):", *earlier]
     (results / "abdomen_exp1_cpu.md").write_text("\n".join(lines) + "\n")
     plot_experiment1(results / "abdomen_exp1_cpu.png", rows, organs, title)
 

@@ -392,7 +392,8 @@ def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigm
     for m in ("naive", "upper"):
         (tmp_path / "exp1" / f"{m}.json").write_text(json.dumps(
             {"model": m, "trainer": "T", "dataset": "D", "dice_per_class": {o: 0.5 for o in organs}, "dice": 0.5,
-             "train_seconds": 60.0, "dice_per_class_sigmoid": None}))
+             "train_seconds": 60.0, "dice_per_class_sigmoid": None,
+             **({"measured": "2026-11-23, restored"} if m == "upper" else {})}))
     (tmp_path / "exp1" / "multitalent.json").write_text(json.dumps(
         {"model": "multitalent", "trainer": "T", "dataset": "D", "dice_per_class": {o: 0.1 for o in organs},
          "dice": 0.1, "train_seconds": 90.0}))
@@ -411,4 +412,6 @@ def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigm
     assert scored == ["multitalent"]
     record = json.loads((tmp_path / "exp1" / "multitalent.json").read_text())
     assert record["train_seconds"] == 90.0 and record["dice_per_class_sigmoid"] == {o: 0.3 for o in organs}
-    assert "| naive | T | label map | 0.500 |" in (tmp_path / "results" / "abdomen_exp1_cpu.md").read_text()
+    table = (tmp_path / "results" / "abdomen_exp1_cpu.md").read_text()
+    assert "| naive | T | label map | 0.500 |" in table
+    assert "- upper: 2026-11-23, restored" in table  # a row from an earlier run says so
