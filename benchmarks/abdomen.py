@@ -4,6 +4,7 @@
   python benchmarks/abdomen.py WORKDIR --experiment 1        # partial-label pre-training
   python benchmarks/abdomen.py WORKDIR --experiment 2 [--k 1 5] [--seeds 3] [--methods ...]
   python benchmarks/abdomen.py WORKDIR --experiment 3 [--k 1 5] [--seeds 3] [--methods ...]
+  python benchmarks/abdomen.py WORKDIR --experiment 3 --report ...   # tables from the finished cells only
 
 1: MultiTalent on the three partial datasets (810) vs naive merge (stock nnU-Net on 810: unannotated = background)
    vs upper bound (stock nnU-Net on 811: all 8 organs). Same budget (ext/abdomen_trainers.py). Each predicts the 7
@@ -290,12 +291,26 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
     try:
         config = load_config(config_file)
         check_methods(config)  # a mistyped method fails now, not after hours of pre-training
+        if args.report:
+            return publish(results, n, finished_cells(config), target, command)
         foundation(work, args.device)
         # published after every cell, so an interrupted sitting leaves its tables
         result = run_benchmark(config, on_cell=lambda records: publish(results, n, records, target, command))
     except FSEFTError as e:
         die(str(e))
     publish(results, n, result["records"], target, command)
+
+
+def finished_cells(config) -> list:
+    """The records of the config's cells that have run, in the harness's order; nothing is trained."""
+    from nnunetv2_fseft.benchmark.runner import plan_cells, prepare
+    from nnunetv2_fseft.errors import FSEFTError
+    _, _, table = prepare(config)
+    files = [config.output / "cells" / f"{cell.key}.json" for cell in plan_cells(config, table)]
+    records = [json.loads(f.read_text()) for f in files if f.is_file()]
+    if not records:
+        raise FSEFTError(f"no finished cells in {config.output / 'cells'} for these methods, K and seeds")
+    return records
 
 
 def publish(results: Path, n: int, records: list, target, command: str) -> None:
@@ -331,13 +346,17 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=None, help="experiments 2-3; default: METHODS[experiment]")
     p.add_argument("--results", default=str(HERE / "results"), help="where the tables go (default benchmarks/results)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="nnU-Net's -device (default cpu)")
+    p.add_argument("--report", action="store_true",
+                   help="experiments 2-3: only rewrite the tables from the finished cells of these methods, K and seeds")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     if max(args.k) > len(SPLIT["target"]["supports"]):
         die(f"--k {max(args.k)} exceeds the {len(SPLIT['target']['supports'])} supports of {SPLIT_FILE.name}")
     require_data(work)
     setup_env(work)
-    command = "python benchmarks/abdomen.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # a --report table names the command that runs its cells
+    command = "python benchmarks/abdomen.py " + " ".join(a for a in (argv if argv is not None else sys.argv[1:])
+                                                         if a != "--report")
     if args.experiment == 1:
         experiment1(work, Path(args.results), command, args.device)
     else:

@@ -3,7 +3,7 @@
 Pre-training (experiment 1, and the foundation of experiments 2-3): PRETRAIN_EPOCHS x 50 iterations for all three
 models (MultiTalent, naive merge, upper bound), SGD 1e-2, as the hippocampus partial-label benchmark.
 Adaptation (experiments 2-3): every FSEFT trainer, its TI variant and the from-scratch baseline as `<name>_abd`,
-ADAPT_EPOCHS x 50 iterations, each method at its own learning rate. docs/abdomen.md says why these budgets.
+ADAPT_EPOCHS x 50 iterations, each method at its own learning rate; `<name>_abdlong` runs LONG_ADAPT_EPOCHS. docs/abdomen.md says why these budgets.
 
 No mirroring, in augmentation or at inference (nnU-Net's nnUNetTrainerNoMirroring): left and right kidneys and
 adrenal glands are separate classes, told apart by their side, which a mirror swaps; and test-time mirroring costs
@@ -16,6 +16,8 @@ from nnunetv2_fseft_trainers import fseft_ti_trainers, fseft_trainers
 
 PRETRAIN_EPOCHS = 40   # 2,000 iterations
 ADAPT_EPOCHS = 5       # 250 iterations
+LONG_ADAPT_EPOCHS = 20 # 1,000 iterations (`<name>_abdlong`): a new head on a novel organ was still learning
+                       # at 250 (its training loss still falling; docs/abdomen.md)
 ITERATIONS, VAL_ITERATIONS = 50, 10
 
 
@@ -46,7 +48,8 @@ class MultiTalentTrainer_abd(NoMirroring, MultiTalentTrainer):
         self.initial_lr = 1e-2
 
 
-_SCHEDULE = {"epochs": ADAPT_EPOCHS, "iterations_per_epoch": ITERATIONS, "val_iterations_per_epoch": VAL_ITERATIONS}
-for _module in (fseft_trainers, fseft_ti_trainers):
-    for _name in [n for n in dir(_module) if n.startswith("FSEFT") and n.endswith("Trainer")]:
-        globals()[f"{_name}_abd"] = type(f"{_name}_abd", (NoMirroring, getattr(_module, _name)), dict(_SCHEDULE))
+for _suffix, _epochs in (("_abd", ADAPT_EPOCHS), ("_abdlong", LONG_ADAPT_EPOCHS)):
+    _schedule = {"epochs": _epochs, "iterations_per_epoch": ITERATIONS, "val_iterations_per_epoch": VAL_ITERATIONS}
+    for _module in (fseft_trainers, fseft_ti_trainers):
+        for _name in [n for n in dir(_module) if n.startswith("FSEFT") and n.endswith("Trainer")]:
+            globals()[_name + _suffix] = type(_name + _suffix, (NoMirroring, getattr(_module, _name)), dict(_schedule))
