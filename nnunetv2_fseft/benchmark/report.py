@@ -2,6 +2,7 @@
 dice_vs_k.png (Dice vs K per method)."""
 import csv
 import statistics
+import textwrap
 from pathlib import Path
 
 COST_COLUMNS = ("trainable_parameters", "adapter_bytes", "checkpoint_bytes", "train_seconds", "peak_rss_mb",
@@ -78,10 +79,11 @@ def plot(path: Path, records: list, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xticks(ks)
     ax.set_xticklabels([str(k) for k in ks])
+    ax.minorticks_off()  # a log axis would label 2x10^0, 3x10^0 ... between the K values
     ax.set_xlabel("K (labelled support scans)")
     ax.set_ylabel("Dice on the query set")
     ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
