@@ -68,7 +68,7 @@ def plot(path: Path, records: list, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     ks = sorted({r["k"] for r in records})
     for m in dict.fromkeys(r["method"] for r in records):
         values = [[r["dice"] for r in records if r["method"] == m and r["k"] == k] for k in ks]
@@ -85,7 +85,7 @@ def plot(path: Path, records: list, title: str) -> None:
     ax.set_ylim(0, 1)
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # never over the points
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
