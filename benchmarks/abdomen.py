@@ -347,7 +347,8 @@ def main(argv=None):
     p.add_argument("--results", default=str(HERE / "results"), help="where the tables go (default benchmarks/results)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="nnU-Net's -device (default cpu)")
     p.add_argument("--report", action="store_true",
-                   help="experiments 2-3: only rewrite the tables from the finished cells of these methods, K and seeds")
+                   help="experiments 2-3: only rewrite the tables from the finished cells of these methods, K "
+                        "and seeds")
     args = p.parse_args(argv)
     work = Path(args.workdir).resolve()
     if max(args.k) > len(SPLIT["target"]["supports"]):

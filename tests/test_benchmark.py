@@ -144,8 +144,8 @@ def test_cells_are_paired_on_one_initialisation_per_seed(world, monkeypatch):
 
 
 def test_peak_rss_is_the_commands_own_not_the_drivers(tmp_path):
-    """A forked child inherits its parent's peak RSS on Linux: a driver holding 600 MB must not make a 100 MB
-    command look like 600 MB, and what the command allocates must show."""
+    """A forked child inherits its parent's peak RSS on Linux: a driver holding 600 MB must not make a command of a
+    few MB look like 600 MB, and what the command allocates must show."""
     import sys
     from nnunetv2_fseft.benchmark.cells import run_logged
     held = bytearray(600 * 2**20)

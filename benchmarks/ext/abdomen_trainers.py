@@ -3,7 +3,8 @@
 Pre-training (experiment 1, and the foundation of experiments 2-3): PRETRAIN_EPOCHS x 50 iterations for all three
 models (MultiTalent, naive merge, upper bound), SGD 1e-2, as the hippocampus partial-label benchmark.
 Adaptation (experiments 2-3): every FSEFT trainer, its TI variant and the from-scratch baseline as `<name>_abd`,
-ADAPT_EPOCHS x 50 iterations, each method at its own learning rate; `<name>_abdlong` runs LONG_ADAPT_EPOCHS. docs/abdomen.md says why these budgets.
+ADAPT_EPOCHS x 50 iterations, each method at its own learning rate; `<name>_abdlong` runs LONG_ADAPT_EPOCHS.
+docs/abdomen.md says why these budgets.
 
 No mirroring, in augmentation or at inference (nnU-Net's nnUNetTrainerNoMirroring): left and right kidneys and
 adrenal glands are separate classes, told apart by their side, which a mirror swaps; and test-time mirroring costs

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +55,6 @@ _LAUNCHER = ("import os, subprocess, sys\n"
 
 def run_logged(cmd: list, log: Path, env: dict) -> dict:
     """Run a command with its output in `log`; wall time and its peak RSS (through _LAUNCHER)."""
-    import tempfile
     t0 = time.monotonic()
     with open(log, "a") as f, tempfile.TemporaryDirectory() as tmp:
         f.write("$ " + " ".join(cmd) + "\n")
