@@ -17,56 +17,56 @@ from nnunetv2_fseft_trainers.fseft_trainers import (
 
 
 class FSEFTFullFTTITrainer(TransductiveMixin, FSEFTFullFTTrainer):
-    pass
+    """FSEFTFullFTTrainer with the size prior on the query images."""
 
 
 class FSEFTFTLastTITrainer(TransductiveMixin, FSEFTFTLastTrainer):
-    pass
+    """FSEFTFTLastTrainer with the size prior on the query images."""
 
 
 class FSEFTDecoderTITrainer(TransductiveMixin, FSEFTDecoderTrainer):
-    pass
+    """FSEFTDecoderTrainer with the size prior on the query images."""
 
 
 class FSEFTLinearProbeTITrainer(TransductiveMixin, FSEFTLinearProbeTrainer):
-    pass
+    """FSEFTLinearProbeTrainer with the size prior on the query images."""
 
 
 class FSEFTSpatialAdapterTITrainer(TransductiveMixin, FSEFTSpatialAdapterTrainer):
-    pass
+    """FSEFTSpatialAdapterTrainer with the size prior on the query images."""
 
 
 class FSEFTBitFitTITrainer(TransductiveMixin, FSEFTBitFitTrainer):
-    pass
+    """FSEFTBitFitTrainer with the size prior on the query images."""
 
 
 class FSEFTAffineNormTITrainer(TransductiveMixin, FSEFTAffineNormTrainer):
-    pass
+    """FSEFTAffineNormTrainer with the size prior on the query images."""
 
 
 class FSEFTCNNAdapterTITrainer(TransductiveMixin, FSEFTCNNAdapterTrainer):
-    pass
+    """FSEFTCNNAdapterTrainer with the size prior on the query images."""
 
 
 class FSEFTAdaptFormerTITrainer(TransductiveMixin, FSEFTAdaptFormerTrainer):
-    pass
+    """FSEFTAdaptFormerTrainer with the size prior on the query images."""
 
 
 class FSEFTLoRATITrainer(TransductiveMixin, FSEFTLoRATrainer):
-    pass
+    """FSEFTLoRATrainer with the size prior on the query images."""
 
 
 class FSEFTDecoderLoRATITrainer(TransductiveMixin, FSEFTDecoderLoRATrainer):
-    pass
+    """FSEFTDecoderLoRATrainer with the size prior on the query images."""
 
 
 class FSEFTDecoderBitFitTITrainer(TransductiveMixin, FSEFTDecoderBitFitTrainer):
-    pass
+    """FSEFTDecoderBitFitTrainer with the size prior on the query images."""
 
 
 class FSEFTDecoderAdaptFormerTITrainer(TransductiveMixin, FSEFTDecoderAdaptFormerTrainer):
-    pass
+    """FSEFTDecoderAdaptFormerTrainer with the size prior on the query images."""
 
 
 class FSEFTDecoderAffineNormTITrainer(TransductiveMixin, FSEFTDecoderAffineNormTrainer):
-    pass
+    """FSEFTDecoderAffineNormTrainer with the size prior on the query images."""
