@@ -303,11 +303,11 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
 
 def finished_cells(config) -> list:
     """The records of the config's cells that have run, in the harness's order; nothing is trained."""
-    from nnunetv2_fseft.benchmark.runner import plan_cells, prepare
+    from nnunetv2_fseft.benchmark.runner import finished_record, plan_cells, prepare
     from nnunetv2_fseft.errors import FSEFTError
-    _, _, table = prepare(config)
-    files = [config.output / "cells" / f"{cell.key}.json" for cell in plan_cells(config, table)]
-    records = [json.loads(f.read_text()) for f in files if f.is_file()]
+    name, _, table = prepare(config)
+    files = {cell: config.output / "cells" / f"{cell.key}.json" for cell in plan_cells(config, table)}
+    records = [finished_record(config, name, cell, f) for cell, f in files.items() if f.is_file()]
     if not records:
         raise FSEFTError(f"no finished cells in {config.output / 'cells'} for these methods, K and seeds")
     return records

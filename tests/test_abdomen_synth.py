@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from scipy import ndimage
 
 from conftest import SHARED_DATA
@@ -432,4 +433,10 @@ def test_report_publishes_the_finished_cells_and_trains_nothing(tmp_path, monkey
         abdomen.finished_cells(config)
     for key in ("M_k5_s0", "scratch_k1_s0", "other_k1_s0"):
         (config.output / "cells" / f"{key}.json").write_text(json.dumps({"method": key.split("_k")[0]}))
-    assert [r["method"] for r in abdomen.finished_cells(config)] == ["scratch", "M"]  # the config's, in order
+    # a record from before learning curves were kept gets its curve from the cell's checkpoint, if there is one
+    monkeypatch.setattr(runner, "model_folder", lambda config, name, trainer: tmp_path / name / trainer)
+    (tmp_path / "D" / "S" / "fold_0").mkdir(parents=True)
+    torch.save({"logging": {"train_losses": [1.0, 0.5]}}, tmp_path / "D" / "S" / "fold_0" / "checkpoint_final.pth")
+    records = abdomen.finished_cells(config)
+    assert [r["method"] for r in records] == ["scratch", "M"]  # the config's, in order
+    assert [r["train_losses"] for r in records] == [[1.0, 0.5], None]

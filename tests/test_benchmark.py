@@ -87,6 +87,8 @@ def test_benchmark_runs_every_cell_through_nnunet_and_resumes(world, tmp_path, c
         assert set(r["dice_per_class"]) == {"spleen", "pancreas"}
         assert sorted(p.name[:-7] for p in (fold / "validation").glob("*.nii.gz")) == sorted(table["query"])
         assert r["train_seconds"] > 0 and r["peak_rss_mb"] > 50
+        logged = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)["logging"]
+        assert r["train_losses"] == [round(float(v), 4) for v in logged["train_losses"]]  # one per epoch
     probe = [r for r in records if r["method"] == "FSEFTLinearProbeTrainer_test"]
     scratch = [r for r in records if r["method"] == "scratch"]
     assert 0 < probe[0]["trainable_parameters"] < scratch[0]["trainable_parameters"]
@@ -94,6 +96,7 @@ def test_benchmark_runs_every_cell_through_nnunet_and_resumes(world, tmp_path, c
     for name in ("results.csv", "results.md", "dice_vs_k.png"):
         assert (config.output / name).stat().st_size > 0
     assert "| FSEFTLinearProbeTrainer_test |" in (config.output / "results.md").read_text()
+    assert "| FSEFTLinearProbeTrainer_test | 2 |" in (config.output / "results.md").read_text()  # its curve
 
     # a re-run trains nothing and reports the same numbers
     mtimes = {p: p.stat().st_mtime for p in (world["root"] / "res").rglob("checkpoint_final.pth")}
@@ -158,3 +161,15 @@ def test_peak_rss_is_the_commands_own_not_the_drivers(tmp_path):
     assert 300 <= big["peak_rss_mb"] < 550
     with pytest.raises(FSEFTError, match="exit code 3"):
         run_logged([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "fail.log", {})
+
+
+def test_learning_curves_table_reads_the_supports_loss_at_five_points_mean_over_seeds():
+    from nnunetv2_fseft.benchmark.report import markdown
+    curve = [1.0, 0.8, 0.6, 0.5, 0.4, 0.35, 0.3, 0.28, 0.26]  # 9 epochs: points at epochs 1, 3, 5, 7, 9
+    records = [{"method": "M", "k": 5, "seed": s, "fold": s, "dice": 0.5, "dice_per_class": {"a": 0.5},
+                "train_losses": [v + s / 10 for v in curve]} for s in (0, 2)]  # seeds 0.0 and 0.2 apart
+    records.append({"method": "zeroshot", "k": 5, "seed": 0, "fold": 0, "dice": 0.1, "dice_per_class": {"a": 0.1}})
+    table = markdown(records, ["a"], "t")
+    assert "| M | 5 | 9 | 1.100 | 0.700 | 0.500 | 0.400 | 0.360 | -0.040 |" in table
+    assert "| zeroshot | 5 |" not in table.split("Learning curves")[1]  # nothing trained, no curve
+    assert "Learning curves" not in markdown(records[2:], ["a"], "t")

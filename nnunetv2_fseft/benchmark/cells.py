@@ -113,6 +113,17 @@ def collect(config: BenchmarkConfig, dataset_json: dict, fold_dir: Path) -> dict
     return record
 
 
+def train_losses(fold_dir: Path):
+    """nnU-Net's train_loss per epoch from the final checkpoint's logger: the supports' learning curve, which
+    says whether a budget was long enough without looking at the query set. None if there is no checkpoint."""
+    checkpoint = fold_dir / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        return None
+    import torch
+    logged = torch.load(checkpoint, map_location="cpu", weights_only=False).get("logging", {})
+    return [round(float(v), 4) for v in logged.get("train_losses", [])] or None
+
+
 def count_checkpoint_parameters(fold_dir: Path) -> int:
     import torch
     weights = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]

@@ -61,7 +61,29 @@ def markdown(records: list, classes: list, title: str) -> str:
                 mine = [r for r in records if r["method"] == m and r["k"] == k]
                 lines.append(f"| {m} | {k} | " + " | ".join(
                     _mean_std([r["dice_per_class"].get(c) for r in mine]) for c in classes) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _learning_curves(records, methods, ks)) + "\n"
+
+
+CURVE_POINTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _learning_curves(records: list, methods: list, ks: list) -> list:
+    """nnU-Net's train_loss on the supports at five points of training, mean over seeds: whether the budget
+    sufficed (a loss still falling in the last quarter says it did not), read without the query set."""
+    rows = []
+    for m in methods:
+        for k in ks:
+            curves = [r["train_losses"] for r in records if r["method"] == m and r["k"] == k and r.get("train_losses")]
+            if curves:
+                points = [statistics.mean(c[round(f * (len(c) - 1))] for c in curves) for f in CURVE_POINTS]
+                rows.append(f"| {m} | {k} | {max(len(c) for c in curves)} | "
+                            + " | ".join(f"{v:.3f}" for v in points) + f" | {points[-1] - points[-2]:+.3f} |")
+    if not rows:
+        return []
+    return ["", "Learning curves: nnU-Net's train_loss (Dice + CE, on augmented support patches) at the first epoch, "
+            "25 / 50 / 75 % of the epochs and the last, mean over seeds.", "",
+            "| method | K | epochs | first | 25 % | 50 % | 75 % | last | last quarter |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
 def plot(path: Path, records: list, title: str) -> None:

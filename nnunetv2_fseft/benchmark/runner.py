@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import FSEFTError
 from ..trainer_names import plugin_trainers, unknown_name
 from .cells import Cell, collect, count_checkpoint_parameters, model_folder, plugin_environment, train_cell, \
-    zeroshot_cell
+    train_losses, zeroshot_cell
 from .config import BenchmarkConfig
 from .report import write_reports
 
@@ -102,7 +102,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) 
         bar.set_postfix_str(f"{cell.method} K={cell.k} seed={cell.seed}")
         record_file = cells_dir / f"{cell.key}.json"
         if record_file.is_file():
-            records.append(json.loads(record_file.read_text()))
+            records.append(finished_record(config, name, cell, record_file))
             continue
         records.append(_run_cell(config, name, dataset_json, cell, logs / f"{cell.key}.log", env, cells_dir))
         partial = record_file.with_suffix(".json.partial")  # atomic: a kill mid-write must not break resuming
@@ -112,6 +112,14 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) 
         if on_cell:
             on_cell(records)
     return write_reports(config, name, records)
+
+
+def finished_record(config: BenchmarkConfig, name: str, cell: Cell, record_file: Path) -> dict:
+    """A finished cell's record; one written before records kept the learning curve gets it from the model."""
+    record = json.loads(record_file.read_text())
+    if cell.method != "zeroshot" and "train_losses" not in record:
+        record["train_losses"] = train_losses(model_folder(config, name, cell.trainer) / f"fold_{cell.fold}")
+    return record
 
 
 def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cells_dir: Path) -> dict:
@@ -129,4 +137,5 @@ def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cell
     record = {**base, **cost, **collect(config, dataset_json, fold_dir)}
     if record.get("trainable_parameters") is None:  # a stock trainer trains everything
         record["trainable_parameters"] = count_checkpoint_parameters(fold_dir)
+    record["train_losses"] = train_losses(fold_dir)
     return record
