@@ -86,17 +86,21 @@ def _learning_curves(records: list, methods: list, ks: list) -> list:
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
 
+MARKERS = "os^D"
+
+
 def plot(path: Path, records: list, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ks = sorted({r["k"] for r in records})
-    for m in dict.fromkeys(r["method"] for r in records):
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in records)):
         values = [[r["dice"] for r in records if r["method"] == m and r["k"] == k] for k in ks]
         means = [statistics.mean(v) if v else float("nan") for v in values]
         stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        style = {"linestyle": "--"} if m == "zeroshot" else {"marker": "o"}
+        # matplotlib has 10 colours: the 11th method reuses the 1st's colour, so it gets another marker
+        style = {"linestyle": "--"} if m == "zeroshot" else {"marker": MARKERS[i // 10 % len(MARKERS)]}
         ax.errorbar(ks, means, yerr=stds, label=m, capsize=3, **style)
     ax.set_xscale("log")
     ax.set_xticks(ks)
