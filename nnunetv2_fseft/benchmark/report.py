@@ -80,8 +80,9 @@ def _learning_curves(records: list, methods: list, ks: list) -> list:
                             + " | ".join(f"{v:.3f}" for v in points) + f" | {points[-1] - points[-2]:+.3f} |")
     if not rows:
         return []
-    return ["", "Learning curves: nnU-Net's train_loss (Dice + CE, on augmented support patches) at the first epoch, "
-            "25 / 50 / 75 % of the epochs and the last, mean over seeds.", "",
+    return ["", "Learning curves: nnU-Net's train_loss (the trainer's own loss, with the size prior's term for TI, on "
+            "augmented support patches) at the first epoch, 25 / 50 / 75 % of the epochs and the last, mean over "
+            "seeds. Losses differ between trainers; compare a curve with itself.", "",
             "| method | K | epochs | first | 25 % | 50 % | 75 % | last | last quarter |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
 
