@@ -277,7 +277,7 @@ def plot_experiment1(path: Path, records: list, organs: list, title: str) -> Non
 
 def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
     from nnunetv2_fseft.benchmark.config import load_config
-    from nnunetv2_fseft.benchmark.runner import check_methods, run_benchmark
+    from nnunetv2_fseft.benchmark.runner import check_methods, finished_cells, run_benchmark
     from nnunetv2_fseft.errors import FSEFTError
     target = TARGETS[n]
     query = work / "abdomen_query.json"
@@ -299,18 +299,6 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
     except FSEFTError as e:
         die(str(e))
     publish(results, n, result["records"], target, command)
-
-
-def finished_cells(config) -> list:
-    """The records of the config's cells that have run, in the harness's order; nothing is trained."""
-    from nnunetv2_fseft.benchmark.runner import finished_record, plan_cells, prepare
-    from nnunetv2_fseft.errors import FSEFTError
-    name, _, table = prepare(config)
-    files = {cell: config.output / "cells" / f"{cell.key}.json" for cell in plan_cells(config, table)}
-    records = [finished_record(config, name, cell, f) for cell, f in files.items() if f.is_file()]
-    if not records:
-        raise FSEFTError(f"no finished cells in {config.output / 'cells'} for these methods, K and seeds")
-    return records
 
 
 def publish(results: Path, n: int, records: list, target, command: str) -> None:

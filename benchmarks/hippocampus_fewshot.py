@@ -2,56 +2,119 @@
 hippocampus_split.json, which no training sees.
 
   python benchmarks/hippocampus_fewshot.py WORKDIR --protocol novel|shift [--k 1 5 10] [--seeds 3]
-                                           [--methods ...] [--output DIR]
+                                           [--methods ...] [--short] [--output DIR] [--report]
 
 novel (protocol 2): Posterior-only foundation -> Anterior (dataset 106); supports from the non-query cases.
 shift (protocol 1): foundation on split B with both classes -> the same classes from "scanner B" (dataset 109,
   built from split A + the query cases with hippocampus_common.SHIFT_DOC); supports from split A.
 TI on vs off (protocol 3): pass TI trainers in --methods, e.g. FSEFTLinearProbeTITrainer.
+--short: every method as `<name>_hip`, 250 iterations (benchmarks/ext/hippocampus_trainers.py), the CPU budget;
+  the tables then go to benchmarks/results/hippocampus_<protocol>_cpu.{md,csv,png}, rewritten after every cell.
+--report: only rewrite those tables from the finished cells of these methods, K and seeds.
+The few-shot splits always hold the whole grid (K = 1, 5, 10 x 3 seeds), so a later sitting can add K or seeds
+without renumbering the folds already trained.
 WORKDIR may be the one of hippocampus_schedule.py (the Posterior foundation is shared); the targets are separate
 datasets so that these folds never mix with the schedule measurement's.
 """
 import argparse
+import dataclasses
+import datetime
 import json
+import os
+import platform
+import sys
 from pathlib import Path
 
-from hippocampus_common import SOURCE, SPLIT, both_classes_foundation, posterior_foundation, setup_env, \
-    shifted_dataset
+from hippocampus_common import HERE, SOURCE, SPLIT, SHIFT_DOC, both_classes_foundation, posterior_foundation, \
+    setup_env, shifted_dataset
 
 METHODS = ["scratch", "FSEFTLinearProbeTrainer", "FSEFTSpatialAdapterTrainer", "FSEFTBitFitTrainer",
            "FSEFTLoRATrainer", "FSEFTDecoderTrainer", "FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer"]
+GRID = {"ks": [1, 5, 10], "seeds": [0, 1, 2]}
+PROTOCOL_DOC = {
+    "novel": "novel class: a Posterior-only foundation (stock nnU-Net, 75 split-B cases, 1,000 iterations) adapted "
+             "to Anterior",
+    "shift": f"known classes, shifted domain: a foundation with both classes (stock nnU-Net, 75 split-B cases, "
+             f"1,000 iterations) adapted to the same classes from {SHIFT_DOC}",
+}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir")
     p.add_argument("--protocol", choices=("novel", "shift"), default="novel")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10])
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--k", type=int, nargs="+", default=GRID["ks"], choices=GRID["ks"])
+    p.add_argument("--seeds", type=int, default=3, choices=(1, 2, 3))
     p.add_argument("--methods", nargs="+", default=None, help="default: METHODS (+ zeroshot for shift)")
-    p.add_argument("--output", default=None, help="default: WORKDIR/results_<protocol>")
-    a = p.parse_args()
+    p.add_argument("--short", action="store_true", help="250 iterations per cell (`<name>_hip` trainers)")
+    p.add_argument("--output", default=None, help="default: WORKDIR/results_<protocol>[_short]")
+    p.add_argument("--report", action="store_true", help="with --short: rewrite the tables, train nothing")
+    a = p.parse_args(argv)
+    if a.report and not a.short:
+        sys.exit("hippocampus_fewshot: error: --report rewrites the --short tables; add --short")
     work = Path(a.workdir).resolve()
     setup_env(work)
     from nnunetv2_fseft.benchmark.config import load_config
-    from nnunetv2_fseft.benchmark.runner import run_benchmark
+    from nnunetv2_fseft.benchmark.runner import check_methods, finished_cells, prepare, run_benchmark
     from nnunetv2_fseft.data.convert import relabel_dataset
-    if a.protocol == "novel":
-        foundation, dataset = posterior_foundation(work), 106
+    from nnunetv2_fseft.errors import FSEFTError
+    methods = a.methods or (["zeroshot"] if a.protocol == "shift" else []) + METHODS
+    if a.short:
+        methods = [m if m in ("zeroshot", "scratch") or m.endswith("_hip") else m + "_hip" for m in methods]
+    config = {"dataset": 106 if a.protocol == "novel" else 109, "foundation": str(foundation_folder(work, a.protocol)),
+              "methods": methods, "k": a.k, "seeds": a.seeds, "query": str(work / "query.json"), "device": "cpu",
+              "output": a.output or str(work / f"results_{a.protocol}{'_short' if a.short else ''}")}
+    if a.short:
+        config["scratch_trainer"] = "FSEFTScratchTrainer_hip"
+    config_file = work / f"hippocampus_{a.protocol}{'_short' if a.short else ''}.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    command = "python benchmarks/hippocampus_fewshot.py " + " ".join(
+        x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report")
+    publish = (lambda records: publish_tables(a.protocol, records, command)) if a.short else None
+    try:
+        config = load_config(config_file)
+        check_methods(config)
+        if a.report:
+            return publish(finished_cells(config))
+        make_target(work, a.protocol, relabel_dataset)
+        prepare(dataclasses.replace(config, ks=GRID["ks"], seeds=GRID["seeds"]))  # the whole grid's folds
+        result = run_benchmark(config, on_cell=publish)
+    except FSEFTError as e:
+        sys.exit(f"hippocampus_fewshot: error: {e}")
+    print(result["markdown"].read_text())
+
+
+def foundation_folder(work: Path, protocol: str) -> Path:
+    """The protocol's foundation model folder, trained on first use (about 4 min on 2 cores)."""
+    return posterior_foundation(work) if protocol == "novel" else both_classes_foundation(work)
+
+
+def make_target(work: Path, protocol: str, relabel_dataset) -> None:
+    """The target's raw dataset (once) and the query list; the source is only read."""
+    if protocol == "novel":
         if not (work / "raw" / "Dataset106_HippoAnteriorFS").is_dir():
             relabel_dataset(SOURCE, 106, "HippoAnteriorFS", {"anterior": ["Anterior"]})
     else:
-        foundation, dataset = both_classes_foundation(work), 109
         shifted_dataset(SPLIT["A"] + SPLIT["query"], 109, "HippoScannerB")
     (work / "query.json").write_text(json.dumps(SPLIT["query"]))
-    methods = a.methods or (["zeroshot"] if a.protocol == "shift" else []) + METHODS
-    config = {"dataset": dataset, "foundation": str(foundation), "methods": methods, "k": a.k,
-              "seeds": a.seeds, "query": str(work / "query.json"), "device": "cpu",
-              "output": a.output or str(work / f"results_{a.protocol}")}
-    config_file = work / f"hippocampus_{a.protocol}.json"
-    config_file.write_text(json.dumps(config, indent=2))
-    result = run_benchmark(load_config(config_file))
-    print(result["markdown"].read_text())
+
+
+def publish_tables(protocol: str, records: list, command: str) -> None:
+    """The harness's tables under benchmarks/results/hippocampus_<protocol>_cpu.*, with the protocol and machine."""
+    import torch
+    from nnunetv2_fseft.benchmark.report import markdown, plot, write_csv
+    title = f"Hippocampus few-shot, {protocol} protocol (real MR, tiny plans, 250 iterations, CPU)"
+    classes = list(dict.fromkeys(c for r in records for c in r.get("dice_per_class", {})))
+    stem = HERE / "results" / f"hippocampus_{protocol}_cpu"
+    write_csv(stem.with_suffix(".csv"), records, classes)
+    body = markdown(records, classes, title).split("\n", 2)[2]  # the harness's table without its own title
+    header = [f"# {title}", "", f"Command ({datetime.date.today()}): `{command}`", "",
+              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average "
+              f"{os.getloadavg()[0]:.1f}. Protocol: {PROTOCOL_DOC[protocol]}. Supports: nested K = 1 ⊂ 5 ⊂ 10 per "
+              "seed; scored by nnU-Net's evaluation on the 50 query cases of benchmarks/hippocampus_split.json. "
+              "Schedules: benchmarks/ext/hippocampus_trainers.py.", ""]
+    stem.with_suffix(".md").write_text("\n".join(header) + body)
+    plot(stem.with_suffix(".png"), records, title)
 
 
 if __name__ == "__main__":

@@ -416,27 +416,3 @@ def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigm
     table = (tmp_path / "results" / "abdomen_exp1_cpu.md").read_text()
     assert "| naive | T | label map | 0.500 |" in table
     assert "- upper: 2026-11-23, restored" in table  # a row from an earlier run says so
-
-
-def test_report_publishes_the_finished_cells_and_trains_nothing(tmp_path, monkeypatch):
-    from types import SimpleNamespace
-    from nnunetv2_fseft.benchmark import runner
-    from nnunetv2_fseft.errors import FSEFTError
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import abdomen
-    table = {"folds": [{"k": k, "seed": s, "fold": i} for i, (k, s) in enumerate([(1, 0), (5, 0)])]}
-    monkeypatch.setattr(runner, "prepare", lambda config: ("D", {}, table))
-    config = SimpleNamespace(output=tmp_path / "exp3", seeds=[0], ks=[1, 5], methods=["scratch", "M"],
-                             scratch_trainer="S")
-    (config.output / "cells").mkdir(parents=True)
-    with pytest.raises(FSEFTError, match="no finished cells"):
-        abdomen.finished_cells(config)
-    for key in ("M_k5_s0", "scratch_k1_s0", "other_k1_s0"):
-        (config.output / "cells" / f"{key}.json").write_text(json.dumps({"method": key.split("_k")[0]}))
-    # a record from before learning curves were kept gets its curve from the cell's checkpoint, if there is one
-    monkeypatch.setattr(runner, "model_folder", lambda config, name, trainer: tmp_path / name / trainer)
-    (tmp_path / "D" / "S" / "fold_0").mkdir(parents=True)
-    torch.save({"logging": {"train_losses": [1.0, 0.5]}}, tmp_path / "D" / "S" / "fold_0" / "checkpoint_final.pth")
-    records = abdomen.finished_cells(config)
-    assert [r["method"] for r in records] == ["scratch", "M"]  # the config's, in order
-    assert [r["train_losses"] for r in records] == [[1.0, 0.5], None]

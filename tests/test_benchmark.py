@@ -173,3 +173,25 @@ def test_learning_curves_table_reads_the_supports_loss_at_five_points_mean_over_
     assert "| M | 5 | 9 | 1.100 | 0.700 | 0.500 | 0.400 | 0.360 | -0.040 |" in table
     assert "| zeroshot | 5 |" not in table.split("Learning curves")[1]  # nothing trained, no curve
     assert "Learning curves" not in markdown(records[2:], ["a"], "t")
+
+
+def test_finished_cells_reads_the_records_and_trains_nothing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from nnunetv2_fseft.benchmark import runner
+    from nnunetv2_fseft.errors import FSEFTError
+    table = {"folds": [{"k": k, "seed": s, "fold": i} for i, (k, s) in enumerate([(1, 0), (5, 0)])]}
+    monkeypatch.setattr(runner, "prepare", lambda config: ("D", {}, table))
+    config = SimpleNamespace(output=tmp_path / "exp3", seeds=[0], ks=[1, 5], methods=["scratch", "M"],
+                             scratch_trainer="S")
+    (config.output / "cells").mkdir(parents=True)
+    with pytest.raises(FSEFTError, match="no finished cells"):
+        runner.finished_cells(config)
+    for key in ("M_k5_s0", "scratch_k1_s0", "other_k1_s0"):
+        (config.output / "cells" / f"{key}.json").write_text(json.dumps({"method": key.split("_k")[0]}))
+    # a record from before learning curves were kept gets its curve from the cell's checkpoint, if there is one
+    monkeypatch.setattr(runner, "model_folder", lambda config, name, trainer: tmp_path / name / trainer)
+    (tmp_path / "D" / "S" / "fold_0").mkdir(parents=True)
+    torch.save({"logging": {"train_losses": [1.0, 0.5]}}, tmp_path / "D" / "S" / "fold_0" / "checkpoint_final.pth")
+    records = runner.finished_cells(config)
+    assert [r["method"] for r in records] == ["scratch", "M"]  # the config's, in order
+    assert [r["train_losses"] for r in records] == [[1.0, 0.5], None]

@@ -114,6 +114,17 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) 
     return write_reports(config, name, records)
 
 
+def finished_cells(config: BenchmarkConfig) -> list:
+    """The records of the config's cells that have run, in the harness's order; nothing is trained (for
+    rewriting tables from a grid run over several sittings)."""
+    name, _, table = prepare(config)
+    files = {cell: config.output / "cells" / f"{cell.key}.json" for cell in plan_cells(config, table)}
+    records = [finished_record(config, name, cell, f) for cell, f in files.items() if f.is_file()]
+    if not records:
+        raise FSEFTError(f"no finished cells in {config.output / 'cells'} for these methods, K and seeds")
+    return records
+
+
 def finished_record(config: BenchmarkConfig, name: str, cell: Cell, record_file: Path) -> dict:
     """A finished cell's record; one written before records kept the learning curve gets it from the model."""
     record = json.loads(record_file.read_text())

@@ -1,0 +1,36 @@
+"""The benchmarks' CPU schedules (benchmarks/ext): nnU-Net finds them by name, as nnUNetv2_train -tr would, and
+each is its method at the documented budget."""
+import contextlib
+import io
+import os
+from pathlib import Path
+
+import pytest
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+from nnunetv2_fseft.cli.ext_path import trainers_folder
+from nnunetv2_fseft_trainers import fseft_ti_trainers, fseft_trainers
+
+EXT = Path(__file__).resolve().parents[1] / "benchmarks" / "ext"
+
+
+def find(name: str):
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+        return recursive_find_trainer_class_by_name(name)
+
+
+@pytest.mark.parametrize("name, parent, iterations", [
+    ("FSEFTLoRATrainer_hip", fseft_trainers.FSEFTLoRATrainer, 250),
+    ("FSEFTLinearProbeTITrainer_hip", fseft_ti_trainers.FSEFTLinearProbeTITrainer, 250),
+    ("FSEFTScratchTrainer_hip", fseft_trainers.FSEFTScratchTrainer, 250),
+    ("FSEFTDecoderLoRATrainer_abd", fseft_trainers.FSEFTDecoderLoRATrainer, 250),
+    ("FSEFTDecoderLoRATrainer_abdlong", fseft_trainers.FSEFTDecoderLoRATrainer, 1000),
+])
+def test_schedule_variants_are_found_and_keep_their_method(name, parent, iterations, monkeypatch):
+    monkeypatch.setenv("nnUNet_extTrainer", os.pathsep.join([trainers_folder(), str(EXT)]))
+    trainer = find(name)
+    # the same method and learning rate, only the budget differs (nnU-Net's search imports its own copy of the
+    # plugin's modules, so compare by name)
+    assert parent.__name__ in [c.__name__ for c in trainer.__mro__]
+    assert trainer.learning_rate == parent.learning_rate
+    assert trainer.epochs * trainer.iterations_per_epoch == iterations
