@@ -1,5 +1,5 @@
 """The benchmarks' CPU schedules (benchmarks/ext): nnU-Net finds them by name, as nnUNetv2_train -tr would, and
-each is its method at the documented budget."""
+each is its method at the documented budget. The hippocampus shift is reproducible."""
 import contextlib
 import io
 import os
@@ -34,3 +34,16 @@ def test_schedule_variants_are_found_and_keep_their_method(name, parent, iterati
     assert parent.__name__ in [c.__name__ for c in trainer.__mro__]
     assert trainer.learning_rate == parent.learning_rate
     assert trainer.epochs * trainer.iterations_per_epoch == iterations
+
+
+def test_hippocampus_scanner_b_is_deterministic_per_case_and_leaves_the_source_alone(monkeypatch):
+    import numpy as np
+    monkeypatch.syspath_prepend(str(EXT.parent))
+    from hippocampus_common import shift_intensities
+    source = np.random.default_rng(0).uniform(0, 500, (12, 16, 10)).astype(np.float32)
+    before = source.copy()
+    a, again, other = (shift_intensities(source, c) for c in ("hippocampus_001", "hippocampus_001", "hippocampus_002"))
+    assert np.array_equal(source, before)
+    assert np.array_equal(a, again) and not np.array_equal(a, other)
+    assert a.shape == source.shape and a.dtype == np.float32
+    assert np.corrcoef(a.ravel(), source.ravel())[0, 1] > 0.5  # the same anatomy, another look
