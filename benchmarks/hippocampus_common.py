@@ -35,12 +35,12 @@ def run(cmd, log: Path) -> float:
     return time.time() - t
 
 
-def posterior_foundation(work: Path) -> Path:
-    """The foundation's model folder, trained on the first call."""
+def posterior_foundation(work: Path, train: bool = True) -> Path:
+    """The foundation's model folder, trained on the first call (unless `train` is False)."""
     from nnunetv2_fseft.data.convert import relabel_dataset
     from nnunetv2_fseft.planning import plan_with_preset
     folder = work / "res" / "Dataset104_HippoPosterior" / f"{FOUNDATION_TRAINER}__nnUNetPlans__3d_fullres"
-    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+    if not train or (folder / "fold_0" / "checkpoint_final.pth").is_file():
         return folder
     relabel_dataset(SOURCE, 104, "HippoPosterior", {"posterior": ["Posterior"]}, overwrite=True)
     plan_with_preset(104, "tiny", overwrite=True)
@@ -110,12 +110,13 @@ def shifted_dataset(cases, dataset_id: int, name: str) -> Path:
     return out
 
 
-def both_classes_foundation(work: Path) -> Path:
-    """Protocol 1's foundation: stock nnU-Net on split 'B' with both labels, tiny preset, 1,000 iterations."""
+def both_classes_foundation(work: Path, train: bool = True) -> Path:
+    """Protocol 1's foundation: stock nnU-Net on split 'B' with both labels, tiny preset, 1,000 iterations;
+    trained on the first call unless `train` is False."""
     from nnunetv2_fseft.data.convert import relabel_dataset
     from nnunetv2_fseft.planning import plan_with_preset
     folder = work / "res" / "Dataset108_HippoBoth" / f"{FOUNDATION_TRAINER}__nnUNetPlans__3d_fullres"
-    if (folder / "fold_0" / "checkpoint_final.pth").is_file():
+    if not train or (folder / "fold_0" / "checkpoint_final.pth").is_file():
         return folder
     relabel_dataset(SOURCE, 108, "HippoBoth", {"Anterior": ["Anterior"], "Posterior": ["Posterior"]},
                     overwrite=True)

@@ -61,7 +61,8 @@ def main(argv=None):
     methods = a.methods or (["zeroshot"] if a.protocol == "shift" else []) + METHODS
     if a.short:
         methods = [m if m in ("zeroshot", "scratch") or m.endswith("_hip") else m + "_hip" for m in methods]
-    config = {"dataset": 106 if a.protocol == "novel" else 109, "foundation": str(foundation_folder(work, a.protocol)),
+    foundation = foundation_folder(work, a.protocol, train=not a.report)
+    config = {"dataset": 106 if a.protocol == "novel" else 109, "foundation": str(foundation),
               "methods": methods, "k": a.k, "seeds": a.seeds, "query": str(work / "query.json"), "device": "cpu",
               "output": a.output or str(work / f"results_{a.protocol}{'_short' if a.short else ''}")}
     if a.short:
@@ -84,9 +85,9 @@ def main(argv=None):
     print(result["markdown"].read_text())
 
 
-def foundation_folder(work: Path, protocol: str) -> Path:
-    """The protocol's foundation model folder, trained on first use (about 4 min on 2 cores)."""
-    return posterior_foundation(work) if protocol == "novel" else both_classes_foundation(work)
+def foundation_folder(work: Path, protocol: str, train: bool) -> Path:
+    """The protocol's foundation model folder, trained on first use (about 5 min on 2 cores) when `train`."""
+    return (posterior_foundation if protocol == "novel" else both_classes_foundation)(work, train)
 
 
 def make_target(work: Path, protocol: str, relabel_dataset) -> None:

@@ -195,3 +195,14 @@ def test_finished_cells_reads_the_records_and_trains_nothing(tmp_path, monkeypat
     records = runner.finished_cells(config)
     assert [r["method"] for r in records] == ["scratch", "M"]  # the config's, in order
     assert [r["train_losses"] for r in records] == [[1.0, 0.5], None]
+
+
+def test_a_stock_checkpoint_counts_each_parameter_once(tmp_path):
+    """nnU-Net's state dict names conv weights several times (the network alias trap); the trainable-parameter
+    column of a stock (from scratch) cell must still be the network's own count."""
+    from nnunetv2_fseft.benchmark.cells import count_checkpoint_parameters
+    from networks import tiny_unet
+    network = tiny_unet()
+    assert len(network.state_dict()) > len(list(network.parameters())) + len(list(network.buffers()))  # aliased
+    torch.save({"network_weights": network.state_dict()}, tmp_path / "checkpoint_final.pth")
+    assert count_checkpoint_parameters(tmp_path) == sum(p.numel() for p in network.parameters())

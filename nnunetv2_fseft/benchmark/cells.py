@@ -127,4 +127,8 @@ def train_losses(fold_dir: Path):
 def count_checkpoint_parameters(fold_dir: Path) -> int:
     import torch
     weights = torch.load(fold_dir / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
-    return sum(v.numel() for v in weights.values() if v.is_floating_point())
+    # nnU-Net's state dict names each conv weight up to three times (conv.weight, all_modules.0.weight and the
+    # decoder's alias of the encoder); torch.save keeps the shared storage, so count each tensor once
+    unique = {(v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)): v.numel()
+              for v in weights.values() if v.is_floating_point()}
+    return sum(unique.values())
