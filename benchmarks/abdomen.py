@@ -312,7 +312,7 @@ def publish(results: Path, n: int, records: list, target, command: str) -> None:
     write_csv(stem.with_suffix(".csv"), records, classes)
     body = markdown(records, classes, title).split("\n", 2)[2]  # the harness's table without its own title
     stem.with_suffix(".md").write_text("\n".join([f"# {title}", "", *header(command),
-                                                  f"Target {target.folder_name}: {target.role}.", ""]) + body)
+                                                  f"Target {target.folder_name}: {target.role}.", "", ""]) + body)
     plot(stem.with_suffix(".png"), records, title)
 
 

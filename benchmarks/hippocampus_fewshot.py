@@ -113,7 +113,7 @@ def publish_tables(protocol: str, records: list, command: str) -> None:
               f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average "
               f"{os.getloadavg()[0]:.1f}. Protocol: {PROTOCOL_DOC[protocol]}. Supports: nested K = 1 ⊂ 5 ⊂ 10 per "
               "seed; scored by nnU-Net's evaluation on the 50 query cases of benchmarks/hippocampus_split.json. "
-              "Schedules: benchmarks/ext/hippocampus_trainers.py.", ""]
+              "Schedules: benchmarks/ext/hippocampus_trainers.py.", "", ""]
     stem.with_suffix(".md").write_text("\n".join(header) + body)
     plot(stem.with_suffix(".png"), records, title)
 
