@@ -2,9 +2,9 @@
 
 `<name>_hip`: every FSEFT trainer, its TI variant and the from-scratch baseline at HIP_EPOCHS x 50 iterations, each
 method at its own learning rate, everything else (augmentation, mirroring, inference) nnU-Net's. Why 250: the full
-grid (2 protocols x methods x K x 3 seeds) at the default 1,000 iterations is days of 2 CPU cores; adapted methods
-plateau within 250 on the shifted-domain protocol (the learning curves in the results file say whether they did);
-from scratch does not, and its row says so.
+grid (2 protocols x methods x K x 3 seeds) at the default 1,000 iterations is days of 2 CPU cores. On the
+shifted-domain protocol the supports' loss of the linear probe, LoRA and full FT had levelled off by 250 (decoder +
+LoRA at K=1 was still falling); from scratch learns nothing yet (docs/hippocampus.md).
 """
 from nnunetv2_fseft_trainers import fseft_ti_trainers, fseft_trainers
 
