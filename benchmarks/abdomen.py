@@ -20,13 +20,11 @@ abdomen_exp<N>_cpu.csv, .md (mean +- std over seeds) and .png.
 """
 import argparse
 import csv
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
+import bench_env
 from abdomen_common import (DATA_RECORD, FULL, HERE, KNOWN_B, NOVEL_B, PRESET, QUERY_A, SPLIT, SPLIT_FILE, TAG,
                             assembled_folder_name, setup_env)
 
@@ -303,26 +301,16 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
 
 def publish(results: Path, n: int, records: list, target, command: str) -> None:
     """The harness's tables, titled with what the data are, under results/abdomen_exp<n>_cpu.*"""
-    from nnunetv2_fseft.benchmark.report import markdown, plot, write_csv
     what = {2: "known organs across the domain shift (A -> B)", 3: "novel organs in domain B"}[n]
-    title = f"Abdominal benchmark, experiment {n}: {what} ({TAG})"
-    classes = list(dict.fromkeys(c for r in records for c in r.get("dice_per_class", {})))
-    results.mkdir(parents=True, exist_ok=True)
-    stem = results / f"abdomen_exp{n}_cpu"
-    write_csv(stem.with_suffix(".csv"), records, classes)
-    body = markdown(records, classes, title).split("\n", 2)[2]  # the harness's table without its own title
-    stem.with_suffix(".md").write_text("\n".join([f"# {title}", "", *header(command),
-                                                  f"Target {target.folder_name}: {target.role}.", "", ""]) + body)
-    plot(stem.with_suffix(".png"), records, title)
+    bench_env.publish_fewshot(results / f"abdomen_exp{n}_cpu", records,
+                              f"Abdominal benchmark, experiment {n}: {what} ({TAG})",
+                              [*header(command), f"Target {target.folder_name}: {target.role}.", ""])
 
 
 def header(command: str) -> list:
-    import torch
-    return [f"Command ({datetime.date.today()}): `{command}`", "",
-            f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average "
-            f"{os.getloadavg()[0]:.1f}; preset `{PRESET}` (plans/{PRESET}.json), schedules in "
-            "benchmarks/ext/abdomen_trainers.py. Data: benchmarks/abdomen_split.json, benchmarks/abdomen_priors.json.",
-            ""]
+    return bench_env.provenance(command, f"preset `{PRESET}` (plans/{PRESET}.json), schedules in "
+                                "benchmarks/ext/abdomen_trainers.py. Data: benchmarks/abdomen_split.json, "
+                                "benchmarks/abdomen_priors.json.")
 
 
 def main(argv=None):

@@ -18,13 +18,11 @@ datasets so that these folds never mix with the schedule measurement's.
 """
 import argparse
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import sys
 from pathlib import Path
 
+import bench_env
 from hippocampus_common import HERE, SOURCE, SPLIT, SHIFT_DOC, both_classes_foundation, posterior_foundation, \
     setup_env, shifted_dataset
 
@@ -102,20 +100,12 @@ def make_target(work: Path, protocol: str, relabel_dataset) -> None:
 
 def publish_tables(protocol: str, records: list, command: str) -> None:
     """The harness's tables under benchmarks/results/hippocampus_<protocol>_cpu.*, with the protocol and machine."""
-    import torch
-    from nnunetv2_fseft.benchmark.report import markdown, plot, write_csv
-    title = f"Hippocampus few-shot, {protocol} protocol (real MR, tiny plans, 250 iterations, CPU)"
-    classes = list(dict.fromkeys(c for r in records for c in r.get("dice_per_class", {})))
-    stem = HERE / "results" / f"hippocampus_{protocol}_cpu"
-    write_csv(stem.with_suffix(".csv"), records, classes)
-    body = markdown(records, classes, title).split("\n", 2)[2]  # the harness's table without its own title
-    header = [f"# {title}", "", f"Command ({datetime.date.today()}): `{command}`", "",
-              f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average "
-              f"{os.getloadavg()[0]:.1f}. Protocol: {PROTOCOL_DOC[protocol]}. Supports: nested K = 1 ⊂ 5 ⊂ 10 per "
-              "seed; scored by nnU-Net's evaluation on the 50 query cases of benchmarks/hippocampus_split.json. "
-              "Schedules: benchmarks/ext/hippocampus_trainers.py.", "", ""]
-    stem.with_suffix(".md").write_text("\n".join(header) + body)
-    plot(stem.with_suffix(".png"), records, title)
+    details = (f"protocol: {PROTOCOL_DOC[protocol]}. Supports: nested K = 1 ⊂ 5 ⊂ 10 per seed; scored by nnU-Net's "
+               "evaluation on the 50 query cases of benchmarks/hippocampus_split.json. Schedules: "
+               "benchmarks/ext/hippocampus_trainers.py.")
+    bench_env.publish_fewshot(HERE / "results" / f"hippocampus_{protocol}_cpu", records,
+                              f"Hippocampus few-shot, {protocol} protocol (real MR, tiny plans, 250 iterations, CPU)",
+                              bench_env.provenance(command, details))
 
 
 if __name__ == "__main__":
