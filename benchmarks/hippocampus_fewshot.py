@@ -8,9 +8,13 @@ novel (protocol 2): Posterior-only foundation -> Anterior (dataset 106); support
 shift (protocol 1): foundation on split B with both classes -> the same classes from "scanner B" (dataset 109,
   built from split A + the query cases with hippocampus_common.SHIFT_DOC); supports from split A.
 TI on vs off (protocol 3): pass TI trainers in --methods, e.g. FSEFTLinearProbeTITrainer.
---short: every method as `<name>_hip`, 250 iterations (benchmarks/ext/hippocampus_trainers.py), the CPU budget;
-  the tables then go to benchmarks/results/hippocampus_<protocol>_cpu.{md,csv,png}, rewritten after every cell.
---report: only rewrite those tables from the finished cells of these methods, K and seeds.
+--short: every method as `<name>_hip`, 250 iterations (benchmarks/ext/hippocampus_trainers.py), the CPU budget
+  of the shift protocol. Without it each method runs its default 1,000 iterations (what a new head on the novel
+  class needs: benchmarks/results/hippocampus_schedule_cpu.md).
+The tables go to benchmarks/results/hippocampus_<protocol>_cpu.{md,csv,png} (--short) or
+  hippocampus_<protocol>_1000its_cpu.* (default budget), rewritten after every cell from every finished cell of
+  that protocol and budget in WORKDIR (a run over one K or a few methods keeps the others in the tables).
+--report: only rewrite those tables; trains nothing.
 The few-shot splits always hold the whole grid (K = 1, 5, 10 x 3 seeds), so a later sitting can add K or seeds
 without renumbering the folds already trained.
 WORKDIR may be the one of hippocampus_schedule.py (the Posterior foundation is shared); the targets are separate
@@ -19,6 +23,7 @@ datasets so that these folds never mix with the schedule measurement's.
 import argparse
 import dataclasses
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -46,10 +51,8 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=None, help="default: METHODS (+ zeroshot for shift)")
     p.add_argument("--short", action="store_true", help="250 iterations per cell (`<name>_hip` trainers)")
     p.add_argument("--output", default=None, help="default: WORKDIR/results_<protocol>[_short]")
-    p.add_argument("--report", action="store_true", help="with --short: rewrite the tables, train nothing")
+    p.add_argument("--report", action="store_true", help="rewrite the tables from finished cells, train nothing")
     a = p.parse_args(argv)
-    if a.report and not a.short:
-        sys.exit("hippocampus_fewshot: error: --report rewrites the --short tables; add --short")
     work = Path(a.workdir).resolve()
     setup_env(work)
     from nnunetv2_fseft.benchmark.config import load_config
@@ -67,16 +70,19 @@ def main(argv=None):
         config["scratch_trainer"] = "FSEFTScratchTrainer_hip"
     config_file = work / f"hippocampus_{a.protocol}{'_short' if a.short else ''}.json"
     config_file.write_text(json.dumps(config, indent=2))
-    command = "python benchmarks/hippocampus_fewshot.py " + " ".join(
-        x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report")
-    publish = (lambda records: publish_tables(a.protocol, records, command)) if a.short else None
+    command = "python benchmarks/hippocampus_fewshot.py " + " ".join(argv if argv is not None else sys.argv[1:])
     try:
         config = load_config(config_file)
         check_methods(config)
+        grid = dataclasses.replace(config, ks=GRID["ks"], seeds=GRID["seeds"])
+
+        def publish(_records=None):
+            found = dataclasses.replace(grid, methods=table_methods(config.output / "cells", a.short))
+            publish_tables(a.protocol, a.short, finished_cells(found), command)
         if a.report:
-            return publish(finished_cells(config))
+            return publish()
         make_target(work, a.protocol, relabel_dataset)
-        prepare(dataclasses.replace(config, ks=GRID["ks"], seeds=GRID["seeds"]))  # the whole grid's folds
+        prepare(grid)  # the whole grid's folds
         result = run_benchmark(config, on_cell=publish)
     except FSEFTError as e:
         sys.exit(f"hippocampus_fewshot: error: {e}")
@@ -98,13 +104,27 @@ def make_target(work: Path, protocol: str, relabel_dataset) -> None:
     (work / "query.json").write_text(json.dumps(SPLIT["query"]))
 
 
-def publish_tables(protocol: str, records: list, command: str) -> None:
-    """The harness's tables under benchmarks/results/hippocampus_<protocol>_cpu.*, with the protocol and machine."""
+def table_methods(cells_dir: Path, short: bool) -> list:
+    """The methods with a finished cell in cells_dir, in the tables' order: the baselines, then METHODS with each
+    TI twin after its method, then any other trainer."""
+    found = {m.group(1) for f in cells_dir.glob("*.json") if (m := re.fullmatch(r"(.+)_k\d+_s\d+\.json", f.name))}
+    order = [v for m in METHODS if m != "scratch" for v in (m, m.replace("Trainer", "TITrainer"))]
+    order = ["zeroshot", "scratch"] + [m + "_hip" if short else m for m in order]
+    return [m for m in order if m in found] + sorted(found - set(order))
+
+
+def publish_tables(protocol: str, short: bool, records: list, command: str) -> None:
+    """The harness's tables under benchmarks/results/ (one stem per protocol and budget), with the protocol and
+    machine."""
+    iterations, stem = (250, f"hippocampus_{protocol}_cpu") if short else (1000, f"hippocampus_{protocol}_1000its_cpu")
     details = (f"protocol: {PROTOCOL_DOC[protocol]}. Supports: nested K = 1 ⊂ 5 ⊂ 10 per seed; scored by nnU-Net's "
                "evaluation on the 50 query cases of benchmarks/hippocampus_split.json. Schedules: "
-               "benchmarks/ext/hippocampus_trainers.py.")
-    bench_env.publish_fewshot(HERE / "results" / f"hippocampus_{protocol}_cpu", records,
-                              f"Hippocampus few-shot, {protocol} protocol (real MR, tiny plans, 250 iterations, CPU)",
+               + ("benchmarks/ext/hippocampus_trainers.py." if short else "each trainer's default (README, Trainers).")
+               + " The table holds every finished cell of this protocol and budget, from the runs listed in "
+               "docs/hippocampus.md.")
+    bench_env.publish_fewshot(HERE / "results" / stem, records,
+                              f"Hippocampus few-shot, {protocol} protocol (real MR, tiny plans, {iterations:,} "
+                              "iterations, CPU)",
                               bench_env.provenance(command, details))
 
 

@@ -47,3 +47,16 @@ def test_hippocampus_scanner_b_is_deterministic_per_case_and_leaves_the_source_a
     assert np.array_equal(a, again) and not np.array_equal(a, other)
     assert a.shape == source.shape and a.dtype == np.float32
     assert np.corrcoef(a.ravel(), source.ravel())[0, 1] > 0.5  # the same anatomy, another look
+
+
+def test_hippocampus_tables_gather_every_finished_method_in_a_fixed_order(tmp_path, monkeypatch):
+    # a sitting that runs one K or a few methods must not drop the other methods' rows from the published table
+    monkeypatch.syspath_prepend(str(EXT.parent))
+    from hippocampus_fewshot import table_methods
+    for key in ("FSEFTLoRATITrainer_hip_k1_s0", "zeroshot_k5_s2", "FSEFTLoRATrainer_hip_k10_s0", "MyTrainer_k1_s0",
+                "FSEFTLinearProbeTrainer_hip_k1_s1", "scratch_k1_s0"):
+        (tmp_path / f"{key}.json").write_text("{}")
+    (tmp_path / "zeroshot.json").write_text("{}")  # the shared zero-shot evaluation is not a cell
+    assert table_methods(tmp_path, short=True) == [
+        "zeroshot", "scratch", "FSEFTLinearProbeTrainer_hip", "FSEFTLoRATrainer_hip", "FSEFTLoRATITrainer_hip",
+        "MyTrainer"]
