@@ -23,8 +23,25 @@ def test_softmax_head_channels_follow_class_names(tmp_path):
     lines = load_foundation(target, tmp_path / "f.pth", {"labels": {"background": 0, "spleen": 1, "pancreas": 2}})
     f, t = foundation.decoder.seg_layers[-1], target.decoder.seg_layers[-1]
     assert torch.equal(t.weight[1], f.weight[2]) and torch.equal(t.weight[0], f.weight[0])
-    assert not torch.equal(t.weight[2], f.weight[1])
+    assert not t.weight[2].any() and not t.bias[2].any()  # the new class starts at zero, not a random draw
     assert any("pancreas" in line for line in lines)
+
+
+def test_a_head_for_novel_classes_starts_uncommitted_whatever_the_seed(tmp_path):
+    # nnU-Net's random init of a new head can start a seed far from the others (one support loss was 4, not 0.6)
+    foundation = tiny_unet(num_classes=3)
+    _save(tmp_path / "f.pth", foundation, FOUND_SOFTMAX)
+    x = torch.randn(1, 1, 16, 16, 16)
+    outputs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        target = apply_peft(tiny_unet(num_classes=2), "full").eval()
+        lines = load_foundation(target, tmp_path / "f.pth", {"labels": {"background": 0, "pancreas": 1}})
+        with torch.no_grad():
+            outputs.append(target(x))
+    for out in outputs:  # every deep-supervision output: equal logits, so p = 0.5 for both channels everywhere
+        assert all(not o.any() for o in out)
+    assert "new classes start fresh: pancreas (zero)" in lines[-1]
 
 
 def test_sigmoid_foundation_to_binary_softmax_target_is_exact(tmp_path):
