@@ -124,8 +124,7 @@ def zero_channels(adapted: dict, head_keys: list, channels) -> None:
     new head made the support loss of one seed start at 4 instead of 0.6 (K=1, novel class); full fine-tuning
     at AdamW 1e-4 never recovered in 1,000 iterations (docs/hippocampus.md)."""
     for key in head_keys:
-        for c in range(adapted[key].shape[0]) if channels is None else channels:
-            adapted[key][c] = 0
+        adapted[key][slice(None) if channels is None else channels] = 0
 
 
 def foundation_weights(checkpoint: dict) -> dict:
