@@ -38,7 +38,7 @@ def describe(cls) -> tuple:
         return what + ("" if cls.use_feature_cache else ", no feature cache"), cls.learning_rate, "AdamW"
     if issubclass(cls, MultiTalentTrainer):
         return "partial-label pre-training", cls.learning_rate, "SGD"
-    return "stock nnU-Net", getattr(cls, "learning_rate", 1e-2), "SGD"  # 1e-2: nnUNetTrainer.initial_lr
+    return getattr(cls, "what", "stock nnU-Net"), getattr(cls, "learning_rate", 1e-2), "SGD"  # nnU-Net's 1e-2
 
 
 def trainer_table() -> str:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnunetv2_fseft.benchmark.config import load_config
-from nnunetv2_fseft.benchmark.runner import run_benchmark
+from nnunetv2_fseft.benchmark.runner import prepare, run_benchmark
 from nnunetv2_fseft.cli import benchmark as benchmark_cli
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.synthetic import write_phantom_dataset
@@ -206,3 +206,30 @@ def test_a_stock_checkpoint_counts_each_parameter_once(tmp_path):
     assert len(network.state_dict()) > len(list(network.parameters())) + len(list(network.buffers()))  # aliased
     torch.save({"network_weights": network.state_dict()}, tmp_path / "checkpoint_final.pth")
     assert count_checkpoint_parameters(tmp_path) == sum(p.numel() for p in network.parameters())
+
+
+def test_nnunet_fine_tuning_baseline_gets_the_foundation_but_a_fresh_head(world, monkeypatch):
+    """FSEFTnnUNetFTTrainer is nnU-Net's own fine-tuning: the harness hands it -pretrained_weights (scratch gets
+    none), and nnU-Net's loader accepts the foundation for a target prepared with its plans, head excepted."""
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+    from nnunetv2_fseft.benchmark import cells
+    from nnunetv2_fseft_trainers.fseft_trainers import FSEFTnnUNetFTTrainer
+    commands = []
+    monkeypatch.setattr(cells, "run_logged", lambda cmd, log, env: commands.append(cmd))
+    config = load_config(_config(world, Path(world["root"])))
+    for method, trainer in (("FSEFTnnUNetFTTrainer", "FSEFTnnUNetFTTrainer"), ("scratch", "FSEFTScratchTrainer")):
+        cells.train_cell(config, "Dataset932_BTarget", cells.Cell(method, 1, 0, 0, trainer), Path("log"), {})
+    assert commands[0][-2:] == ["-pretrained_weights", str(config.checkpoint)]
+    assert "-pretrained_weights" not in commands[1]
+
+    name, dataset_json, _ = prepare(config)  # the target, preprocessed with the foundation's plans
+    plans = json.loads((world["root"] / "pre" / name / "nnUNetPlans.json").read_text())
+    trainer = FSEFTnnUNetFTTrainer(dict(plans, continue_training=False), "3d_fullres", 0, dataset_json, device=CPU)
+    trainer.initialize()
+    head_before = trainer.network.decoder.seg_layers[-1].weight.detach().clone()
+    load_pretrained_weights(trainer.network, str(config.checkpoint))
+    foundation = torch.load(config.checkpoint, map_location="cpu", weights_only=False)["network_weights"]
+    mine = trainer.network.state_dict()
+    encoder = [k for k in foundation if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(mine[k], foundation[k]) for k in encoder)
+    assert torch.equal(trainer.network.decoder.seg_layers[-1].weight, head_before)  # nnU-Net leaves the head

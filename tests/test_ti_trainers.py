@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_fseft.losses.size_prior import SizePriorLoss, estimate_class_sizes
+from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
 from nnunetv2_fseft.training.transductive import QuerySet, TransductiveMixin, tile_grid
 
 TRAINERS_DIR = Path(__file__).resolve().parents[1] / "trainers"
@@ -155,9 +156,9 @@ def test_all_ti_trainers_resolve_through_nnunet(monkeypatch):
     import nnunetv2_fseft_trainers.fseft_trainers as fseft
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     monkeypatch.setenv("nnUNet_extTrainer", str(TRAINERS_DIR))
-    # the FSEFT method trainers (not the stock-nnU-Net scratch baseline, not the ...NoCache comparison variants)
-    fseft_names = sorted(n for n in vars(fseft) if n.startswith("FSEFT") and n.endswith("Trainer")
-                         and n not in ("FSEFTTrainer", "FSEFTScratchTrainer") and "NoCache" not in n)
+    # the FSEFT method trainers (not the stock-nnU-Net baselines, not the ...NoCache comparison variants)
+    fseft_names = sorted(n for n, c in vars(fseft).items() if n.startswith("FSEFT") and n.endswith("Trainer")
+                         and n != "FSEFTTrainer" and issubclass(c, FSEFTTrainer) and "NoCache" not in n)
     assert sorted(n[:-len("TITrainer")] + "Trainer" for n in TI_NAMES) == fseft_names  # one TI twin each
     for name in TI_NAMES:
         cls = recursive_find_trainer_class_by_name(name)

@@ -27,6 +27,7 @@ def test_list_prints_every_trainer_with_method_learning_rate_and_optimizer(capsy
     assert rows["FSEFTLinearProbeNoCacheTrainer"] == ["linear_probe,", "no", "feature", "cache", "lr", "1e-02", "AdamW"]
     assert rows["FSEFTSpatialAdapterTITrainer"][:4] == ["spatial_adapter", "+", "size", "prior"]
     assert rows["FSEFTScratchTrainer"] == ["stock", "nnU-Net", "lr", "1e-02", "SGD"]
+    assert rows["FSEFTnnUNetFTTrainer"][:4] == ["stock", "nnU-Net,", "fine-tuned", "(-pretrained_weights)"]
     assert rows["MultiTalentTrainer"][-3:] == ["lr", "1e-03", "SGD"]
     assert "FSEFTTrainer" not in rows and "nnUNetTrainer" not in rows  # bases, not choices
     ext_path.main([])

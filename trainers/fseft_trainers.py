@@ -82,6 +82,13 @@ class FSEFTScratchTrainer(nnUNetTrainer):
         self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
 
 
+class FSEFTnnUNetFTTrainer(FSEFTScratchTrainer):
+    """nnU-Net's own fine-tuning as a baseline: stock nnU-Net (SGD 1e-2) on the FSEFT schedule, run with
+    `-pretrained_weights`, which loads every layer but the segmentation head (nnU-Net starts that one at random).
+    The same class as the from-scratch baseline under its own name, so the two runs get separate result folders."""
+    what = "stock nnU-Net, fine-tuned (-pretrained_weights)"
+
+
 class FSEFTLinearProbeNoCacheTrainer(FSEFTLinearProbeTrainer):
     """The linear probe through the whole frozen network every step (no feature cache), for comparison."""
     use_feature_cache = False
