@@ -31,7 +31,8 @@ import bench_env
 from hippocampus_common import HERE, SOURCE, SPLIT, SHIFT_DOC, both_classes_foundation, posterior_foundation, \
     setup_env, shifted_dataset
 
-METHODS = ["scratch", "FSEFTLinearProbeTrainer", "FSEFTSpatialAdapterTrainer", "FSEFTBitFitTrainer",
+BASELINES = ["scratch", "FSEFTnnUNetFTTrainer"]  # from scratch, and nnU-Net's own -pretrained_weights fine-tuning
+METHODS = BASELINES + ["FSEFTLinearProbeTrainer", "FSEFTSpatialAdapterTrainer", "FSEFTBitFitTrainer",
            "FSEFTLoRATrainer", "FSEFTDecoderTrainer", "FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer"]
 GRID = {"ks": [1, 5, 10], "seeds": [0, 1, 2]}
 PROTOCOL_DOC = {
@@ -105,10 +106,10 @@ def make_target(work: Path, protocol: str, relabel_dataset) -> None:
 
 
 def table_methods(cells_dir: Path, short: bool) -> list:
-    """The methods with a finished cell in cells_dir, in the tables' order: the baselines, then METHODS with each
-    TI twin after its method, then any other trainer."""
+    """The methods with a finished cell in cells_dir, in the tables' order: the baselines, then the FSEFT methods
+    with each TI twin after its method, then any other trainer."""
     found = {m.group(1) for f in cells_dir.glob("*.json") if (m := re.fullmatch(r"(.+)_k\d+_s\d+\.json", f.name))}
-    order = [v for m in METHODS if m != "scratch" for v in (m, m.replace("Trainer", "TITrainer"))]
+    order = BASELINES[1:] + [v for m in METHODS if m not in BASELINES for v in (m, m.replace("Trainer", "TITrainer"))]
     order = ["zeroshot", "scratch"] + [m + "_hip" if short else m for m in order]
     return [m for m in order if m in found] + sorted(found - set(order))
 

@@ -54,9 +54,9 @@ def test_hippocampus_tables_gather_every_finished_method_in_a_fixed_order(tmp_pa
     monkeypatch.syspath_prepend(str(EXT.parent))
     from hippocampus_fewshot import table_methods
     for key in ("FSEFTLoRATITrainer_hip_k1_s0", "zeroshot_k5_s2", "FSEFTLoRATrainer_hip_k10_s0", "MyTrainer_k1_s0",
-                "FSEFTLinearProbeTrainer_hip_k1_s1", "scratch_k1_s0"):
+                "FSEFTLinearProbeTrainer_hip_k1_s1", "scratch_k1_s0", "FSEFTnnUNetFTTrainer_hip_k5_s0"):
         (tmp_path / f"{key}.json").write_text("{}")
     (tmp_path / "zeroshot.json").write_text("{}")  # the shared zero-shot evaluation is not a cell
     assert table_methods(tmp_path, short=True) == [
-        "zeroshot", "scratch", "FSEFTLinearProbeTrainer_hip", "FSEFTLoRATrainer_hip", "FSEFTLoRATITrainer_hip",
+        "zeroshot", "scratch", "FSEFTnnUNetFTTrainer_hip", "FSEFTLinearProbeTrainer_hip", "FSEFTLoRATrainer_hip", "FSEFTLoRATITrainer_hip",
         "MyTrainer"]
