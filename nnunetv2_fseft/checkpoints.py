@@ -122,7 +122,8 @@ def zero_channels(adapted: dict, head_keys: list, channels) -> None:
     """Unmapped head channels (all when `channels` is None) start at zero weight and bias, so every voxel starts
     at the same uncommitted output and the first steps depend on no random draw. nnU-Net's He initialisation of a
     new head made the support loss of one seed start at 4 instead of 0.6 (K=1, novel class); full fine-tuning
-    at AdamW 1e-4 never recovered in 1,000 iterations (docs/hippocampus.md)."""
+    at AdamW 1e-4 never recovered in 1,000 iterations. At 1e-4 a zero head also grows too slowly to commit on a
+    wholly new head (novel class, K=5; docs/hippocampus.md): an open defect for the 1e-4 trainers."""
     for key in head_keys:
         adapted[key][slice(None) if channels is None else channels] = 0
 
