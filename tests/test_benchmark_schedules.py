@@ -58,5 +58,5 @@ def test_hippocampus_tables_gather_every_finished_method_in_a_fixed_order(tmp_pa
         (tmp_path / f"{key}.json").write_text("{}")
     (tmp_path / "zeroshot.json").write_text("{}")  # the shared zero-shot evaluation is not a cell
     assert table_methods(tmp_path, short=True) == [
-        "zeroshot", "scratch", "FSEFTnnUNetFTTrainer_hip", "FSEFTLinearProbeTrainer_hip", "FSEFTLoRATrainer_hip", "FSEFTLoRATITrainer_hip",
-        "MyTrainer"]
+        "zeroshot", "scratch", "FSEFTnnUNetFTTrainer_hip", "FSEFTLinearProbeTrainer_hip", "FSEFTLoRATrainer_hip",
+        "FSEFTLoRATITrainer_hip", "MyTrainer"]
