@@ -62,7 +62,7 @@ def main(argv=None):
     from nnunetv2_fseft.errors import FSEFTError
     methods = a.methods or (["zeroshot"] if a.protocol == "shift" else []) + METHODS
     if a.short:
-        methods = [m if m in ("zeroshot", "scratch") or m.endswith("_hip") else m + "_hip" for m in methods]
+        methods = [short_name(m) for m in methods]
     foundation = foundation_folder(work, a.protocol, train=not a.report)
     config = {"dataset": 106 if a.protocol == "novel" else 109, "foundation": str(foundation),
               "methods": methods, "k": a.k, "seeds": a.seeds, "query": str(work / "query.json"), "device": "cpu",
@@ -105,12 +105,17 @@ def make_target(work: Path, protocol: str, relabel_dataset) -> None:
     (work / "query.json").write_text(json.dumps(SPLIT["query"]))
 
 
+def short_name(method: str) -> str:
+    """The method's 250-iteration trainer (`<name>_hip`); zero-shot and scratch keep their names."""
+    return method if method in ("zeroshot", "scratch") or method.endswith("_hip") else method + "_hip"
+
+
 def table_methods(cells_dir: Path, short: bool) -> list:
     """The methods with a finished cell in cells_dir, in the tables' order: the baselines, then the FSEFT methods
     with each TI twin after its method, then any other trainer."""
     found = {m.group(1) for f in cells_dir.glob("*.json") if (m := re.fullmatch(r"(.+)_k\d+_s\d+\.json", f.name))}
-    order = BASELINES[1:] + [v for m in METHODS if m not in BASELINES for v in (m, m.replace("Trainer", "TITrainer"))]
-    order = ["zeroshot", "scratch"] + [m + "_hip" if short else m for m in order]
+    fseft = [v for m in METHODS if m not in BASELINES for v in (m, m.replace("Trainer", "TITrainer"))]
+    order = [short_name(m) if short else m for m in ["zeroshot", *BASELINES, *fseft]]
     return [m for m in order if m in found] + sorted(found - set(order))
 
 
