@@ -78,6 +78,11 @@ def _check_architecture(adapted: dict, pretrained: dict, path) -> None:
                              f"foundation but {want} here{hint}; {FIX_PLANS}")
 
 
+def is_head_key(adapted_key: str) -> bool:
+    """A segmentation head's own weight or bias (not an adapter injected into the head)."""
+    return HEAD_KEY in (foundation_key(adapted_key) or "")
+
+
 def channel_names(dataset_json: dict, n_channels: int):
     """Names of a head's output channels: softmax heads have background first, sigmoid heads do not."""
     names = [normalize_class_name(n) for n in foreground_label_names(dataset_json)]
@@ -90,7 +95,7 @@ def channel_names(dataset_json: dict, n_channels: int):
 
 def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_json: dict) -> list:
     """Copy head channels of same-named classes from the foundation and zero the rest; returns lines for the log."""
-    head_keys = [k for k in adapted if HEAD_KEY in (foundation_key(k) or "")]
+    head_keys = [k for k in adapted if is_head_key(k)]
     if not head_keys or foundation_json is None:
         zero_channels(adapted, head_keys, None)
         return ["head: the foundation names no classes; all target classes start fresh (zero)"]
@@ -122,8 +127,8 @@ def zero_channels(adapted: dict, head_keys: list, channels) -> None:
     """Unmapped head channels (all when `channels` is None) start at zero weight and bias, so every voxel starts
     at the same uncommitted output and the first steps depend on no random draw. nnU-Net's He initialisation of a
     new head made the support loss of one seed start at 4 instead of 0.6 (K=1, novel class); full fine-tuning
-    at AdamW 1e-4 never recovered in 1,000 iterations. At 1e-4 a zero head also grows too slowly to commit on a
-    wholly new head (novel class, K=5; docs/hippocampus.md): an open defect for the 1e-4 trainers."""
+    at AdamW 1e-4 never recovered in 1,000 iterations. A zero head grows by about the learning rate per Adam step,
+    so the 1e-4 trainers train their head at head_learning_rate (docs/hippocampus.md, "The head learning rate")."""
     for key in head_keys:
         adapted[key][slice(None) if channels is None else channels] = 0
 

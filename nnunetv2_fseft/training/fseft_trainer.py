@@ -10,7 +10,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from ..checkpoints import atomic_write, load_foundation, save_adapter, sha256
+from ..checkpoints import atomic_write, is_head_key, load_foundation, save_adapter, sha256
 from ..errors import FSEFTError, fail
 from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
@@ -20,10 +20,27 @@ from ..peft import apply_peft, count_parameters, get_method, resolved_options
 ADAPTER_FORMAT = "nnunetv2_fseft.adapter/1"
 
 
+class GroupPolyLRScheduler(PolyLRScheduler):
+    """nnU-Net's poly decay, applied to each parameter group's own starting rate (nnU-Net's gives every group
+    initial_lr, which would undo head_learning_rate after the first epoch)."""
+
+    def step(self, current_step=None):
+        if current_step is None or current_step == -1:
+            current_step = self.ctr
+            self.ctr += 1
+        factor = (1 - current_step / self.max_steps) ** self.exponent
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
 class FSEFTTrainer(nnUNetTrainer):
     peft_method = "full"
     peft_options = {}
     learning_rate = 1e-4
+    # the segmentation head's own rate (None: learning_rate). New head channels start at zero, and Adam moves a
+    # weight by about its rate per step: at 1e-4 a wholly new head does not commit in 1,000 steps (docs/hippocampus.md)
+    head_learning_rate = None
     weight_decay_fseft = 1e-4
     # short few-shot schedule: 20 x 50 = 1,000 iterations (see README, "Schedule")
     epochs = 20
@@ -159,9 +176,11 @@ class FSEFTTrainer(nnUNetTrainer):
             remove_sidecars(self.output_folder)
 
     def configure_optimizers(self):
-        params = [p for p in self.network.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+        trainable = [(n, p) for n, p in self.plain_network().named_parameters() if p.requires_grad]
+        groups = [{"params": [p for n, p in trainable if not is_head_key(n)], "lr": self.initial_lr},
+                  {"params": [p for n, p in trainable if is_head_key(n)], "lr": self.head_learning_rate or self.initial_lr}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=self.weight_decay)
+        return optimizer, GroupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def adapter_config(self) -> dict:
         foundation = json.loads(self._foundation_file().read_text()) if self._foundation_file().is_file() else None
