@@ -24,4 +24,7 @@ def cli_entry(main):
         except KeyboardInterrupt:
             print("nnunetv2_fseft: interrupted", file=sys.stderr)
             sys.exit(130)
+        except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as Unix tools do
+            sys.stderr.close()
+            sys.exit(141)
     return wrapper

@@ -548,3 +548,15 @@ def test_console_scripts_print_one_line(env, script, argv):
     r = subprocess.run([str(exe)] + argv, capture_output=True, text=True, cwd=env, env=os.environ.copy(), timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(ERROR), r.stderr
+
+
+def test_listing_piped_into_head_stops_quietly():
+    """`nnUNetv2_fseft_ext_path --list | head -1` is a normal thing to type: no traceback when the reader has gone."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (head) has already exited: every write gets EPIPE
+    try:
+        lister = subprocess.run([str(Path(sys.executable).parent / "nnUNetv2_fseft_ext_path"), "--list"],
+                                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in lister.stderr and lister.returncode == 141, lister.stderr
