@@ -169,3 +169,21 @@ def test_bad_pretrained_weights_give_one_line(world, tmp_path):
     assert r.returncode != 0
     assert "nnunetv2_fseft: error:" in r.stderr and "not a readable PyTorch checkpoint" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_resume_of_a_checkpoint_with_other_optimiser_groups_is_one_line(world):
+    """A checkpoint written before the head got its own learning rate holds one AdamW group where the trainer now
+    builds two: --c says so in one line instead of torch's ValueError."""
+    from nnunetv2.run.run_training import run_training
+    source = _model_folder(world["root"], "Dataset902_Target", "FSEFTFullFTTrainer_testnoval")
+    old = source.parent / source.name.replace("_testnoval__", "_test__")
+    shutil.copytree(source, old)
+    checkpoint_file = old / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(checkpoint_file, weights_only=False)
+    groups = checkpoint["optimizer_state"]["param_groups"]
+    assert len(groups) == 2  # body and head
+    groups[0]["params"] = groups[0]["params"] + groups[1]["params"]
+    checkpoint["optimizer_state"]["param_groups"] = groups[:1]
+    torch.save(checkpoint, checkpoint_file)
+    with pytest.raises(SystemExit, match="other parameter groups.*train the fold again without --c"):
+        run_training("902", "3d_fullres", 0, "FSEFTFullFTTrainer_test", continue_training=True, device=CPU)

@@ -205,6 +205,14 @@ class FSEFTTrainer(nnUNetTrainer):
             save_adapter(self.plain_network(), self.output_folder, self.adapter_config())
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
-        super().load_checkpoint(filename_or_checkpoint)
+        try:
+            super().load_checkpoint(filename_or_checkpoint)
+        except ValueError as e:  # torch's optimiser refuses another parameter-group layout
+            if "parameter group" not in str(e):
+                raise
+            raise fail(f"{filename_or_checkpoint if isinstance(filename_or_checkpoint, str) else 'the checkpoint'} "
+                       f"holds an optimiser with other parameter groups than {type(self).__name__} builds (a "
+                       "checkpoint of an older nnunetv2_fseft, before the head got its own learning rate); it "
+                       "cannot be resumed with --c: train the fold again without --c") from None
         if isinstance(filename_or_checkpoint, str):  # --c: on_train_start builds the pool, then refills it
             self._resume_cache_from = (filename_or_checkpoint, self.current_epoch)
