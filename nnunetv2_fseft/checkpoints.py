@@ -128,7 +128,7 @@ def zero_channels(adapted: dict, head_keys: list, channels) -> None:
     at the same uncommitted output and the first steps depend on no random draw. nnU-Net's He initialisation of a
     new head made the support loss of one seed start at 4 instead of 0.6 (K=1, novel class); full fine-tuning
     at AdamW 1e-4 never recovered in 1,000 iterations. A zero head grows by about the learning rate per Adam step,
-    so the 1e-4 trainers train their head at head_learning_rate (docs/hippocampus.md, "The head learning rate")."""
+    so every FSEFT trainer trains its head at head_learning_rate (docs/hippocampus.md, "The head learning rate")."""
     for key in head_keys:
         adapted[key][slice(None) if channels is None else channels] = 0
 

@@ -35,7 +35,8 @@ def describe(cls) -> tuple:
     from .training.transductive import TransductiveMixin
     if issubclass(cls, FSEFTTrainer):
         what = cls.peft_method + (" + size prior (TI)" if issubclass(cls, TransductiveMixin) else "")
-        what += f", head lr {cls.head_learning_rate:.0e}" if cls.head_learning_rate else ""
+        head = cls.head_learning_rate or cls.learning_rate
+        what += f", head lr {head:.0e}" if head != cls.learning_rate else ""
         return what + ("" if cls.use_feature_cache else ", no feature cache"), cls.learning_rate, "AdamW"
     if issubclass(cls, MultiTalentTrainer):
         return "partial-label pre-training", cls.learning_rate, "SGD"

@@ -70,3 +70,14 @@ def test_without_head_rate_the_update_is_the_single_group_adamw():
         opt.step()
     after = reference.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in net.state_dict().items())
+
+
+def test_every_fseft_trainer_trains_its_head_at_the_linear_probe_rate():
+    """New head channels start at zero: every method's head trains at 1e-2 whatever the method's own rate, and the
+    trainer list says so where the two differ."""
+    from nnunetv2_fseft.trainer_names import describe, plugin_trainers
+    fseft = {n: c for n, c in plugin_trainers().items() if issubclass(c, FSEFTTrainer)}
+    assert "FSEFTDecoderLoRATrainer" in fseft and "FSEFTFullFTTrainer" in fseft
+    for name, cls in fseft.items():
+        assert (cls.head_learning_rate or cls.learning_rate) == 1e-2, name
+        assert ("head lr 1e-02" in describe(cls)[0]) == (cls.learning_rate != 1e-2), name

@@ -23,7 +23,7 @@ def test_list_prints_every_trainer_with_method_learning_rate_and_optimizer(capsy
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines}
     assert list(rows) == list(plugin_trainers()) and len(rows) >= 30
-    assert rows["FSEFTLoRATrainer"] == ["lora", "lr", "1e-03", "AdamW"]
+    assert rows["FSEFTLoRATrainer"] == ["lora,", "head", "lr", "1e-02", "lr", "1e-03", "AdamW"]
     assert rows["FSEFTLinearProbeNoCacheTrainer"] == ["linear_probe,", "no", "feature", "cache", "lr", "1e-02", "AdamW"]
     assert rows["FSEFTSpatialAdapterTITrainer"][:4] == ["spatial_adapter", "+", "size", "prior"]
     assert rows["FSEFTScratchTrainer"] == ["stock", "nnU-Net", "lr", "1e-02", "SGD"]

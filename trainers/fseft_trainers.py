@@ -11,7 +11,6 @@ from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
 
 class FSEFTFullFTTrainer(FSEFTTrainer):
     peft_method, learning_rate = "full", 1e-4
-    head_learning_rate = 1e-2  # the linear probe's: a zero-started new head does not commit at 1e-4
 
 
 class FSEFTFTLastTrainer(FSEFTTrainer):
@@ -28,7 +27,6 @@ class FSEFTLinearProbeTrainer(FSEFTTrainer):
 
 class FSEFTSpatialAdapterTrainer(FSEFTTrainer):
     peft_method, learning_rate = "spatial_adapter", 1e-4
-    head_learning_rate = 1e-2  # as full FT's
 
 
 class FSEFTBitFitTrainer(FSEFTTrainer):

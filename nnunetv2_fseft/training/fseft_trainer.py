@@ -38,9 +38,11 @@ class FSEFTTrainer(nnUNetTrainer):
     peft_method = "full"
     peft_options = {}
     learning_rate = 1e-4
-    # the segmentation head's own rate (None: learning_rate). New head channels start at zero, and Adam moves a
-    # weight by about its rate per step: at 1e-4 a wholly new head does not commit in 1,000 steps (docs/hippocampus.md)
-    head_learning_rate = None
+    # the segmentation head's own rate (None: learning_rate), the linear probe's 1e-2 for every method. New head
+    # channels start at zero and Adam moves a weight by about its rate per step: a new head at 1e-4 did not commit in
+    # 1,000 steps (full FT, hippocampus), and at 1e-3 it held back the decoder it feeds (decoder + LoRA, novel
+    # abdominal organs; docs/abdomen.md). Chosen on the supports' training loss.
+    head_learning_rate = 1e-2
     weight_decay_fseft = 1e-4
     # short few-shot schedule: 20 x 50 = 1,000 iterations (see README, "Schedule")
     epochs = 20
