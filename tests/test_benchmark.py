@@ -175,6 +175,17 @@ def test_learning_curves_table_reads_the_supports_loss_at_five_points_mean_over_
     assert "Learning curves" not in markdown(records[2:], ["a"], "t")
 
 
+def test_a_cell_on_fewer_seeds_than_the_table_says_how_many():
+    from nnunetv2_fseft.benchmark.report import markdown
+    records = [{"method": m, "k": 5, "seed": s, "fold": s, "dice": 0.5 + s / 10, "dice_per_class": {"a": 0.5}}
+               for m, seeds in (("A", (0, 1, 2)), ("B", (0,)), ("C", (0, 2))) for s in seeds]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in markdown(records, ["a"], "t").splitlines()
+            if line.startswith("| ") and " | 5 | " not in line}
+    assert rows["A"] == "0.600 ± 0.100"  # all of the table's seeds [0, 1, 2]: nothing added
+    assert rows["B"] == "0.500 (1 seed)"
+    assert rows["C"] == "0.600 ± 0.141 (2 seeds)"
+
+
 def test_finished_cells_reads_the_records_and_trains_nothing(tmp_path, monkeypatch):
     from types import SimpleNamespace
     from nnunetv2_fseft.benchmark import runner

@@ -9,13 +9,15 @@ COST_COLUMNS = ("trainable_parameters", "adapter_bytes", "checkpoint_bytes", "tr
                 "peak_cuda_mb")
 
 
-def _mean_std(values) -> str:
+def _mean_std(values, of: int = 0) -> str:
+    """mean ± std; with `of` (the table's seed count), a cell resting on fewer seeds says how many."""
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
+    fewer = f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if len(values) < of else ""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.3f}{fewer}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}{fewer}"
 
 
 def _median(values):
@@ -46,7 +48,7 @@ def markdown(records: list, classes: list, title: str) -> str:
              "|---|" + "---:|" * (len(ks) + 4)]
     for m in methods:
         mine = [r for r in records if r["method"] == m]
-        cells = [_mean_std([r["dice"] for r in mine if r["k"] == k]) for k in ks]
+        cells = [_mean_std([r["dice"] for r in mine if r["k"] == k], of=len(seeds)) for k in ks]
         params, adapter = _median([r.get("trainable_parameters") for r in mine]), _median(
             [r.get("adapter_bytes") for r in mine])
         seconds, rss = _median([r.get("train_seconds") for r in mine]), _median([r.get("peak_rss_mb") for r in mine])
