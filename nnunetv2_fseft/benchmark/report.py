@@ -14,10 +14,8 @@ def _mean_std(values, of: int = 0) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "n/a"
-    fewer = f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if len(values) < of else ""
-    if len(values) == 1:
-        return f"{values[0]:.3f}{fewer}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}{fewer}"
+    text = f"{values[0]:.3f}" if len(values) == 1 else f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+    return text + (f" ({len(values)} seed{'s' if len(values) > 1 else ''})" if len(values) < of else "")
 
 
 def _median(values):
