@@ -2,7 +2,7 @@
 hippocampus_split.json, which no training sees.
 
   python benchmarks/hippocampus_fewshot.py WORKDIR --protocol novel|shift [--k 1 5 10] [--seeds 3]
-                                           [--methods ...] [--short] [--output DIR] [--report]
+                                           [--methods ...] [--short] [--output DIR] [--results DIR] [--report]
 
 novel (protocol 2): Posterior-only foundation -> Anterior (dataset 106); supports from the non-query cases.
 shift (protocol 1): foundation on split B with both classes -> the same classes from "scanner B" (dataset 109,
@@ -11,9 +11,11 @@ TI on vs off (protocol 3): pass TI trainers in --methods, e.g. FSEFTLinearProbeT
 --short: every method as `<name>_hip`, 250 iterations (benchmarks/ext/hippocampus_trainers.py), the CPU budget
   of the shift protocol. Without it each method runs its default 1,000 iterations (what a new head on the novel
   class needs: benchmarks/results/hippocampus_schedule_cpu.md).
-The tables go to benchmarks/results/hippocampus_<protocol>_cpu.{md,csv,png} (--short) or
+The tables go to RESULTS/hippocampus_<protocol>_cpu.{md,csv,png} (--short) or
   hippocampus_<protocol>_1000its_cpu.* (default budget), rewritten after every cell from every finished cell of
   that protocol and budget in WORKDIR (a run over one K or a few methods keeps the others in the tables).
+  RESULTS is --results, default benchmarks/results; a new WORKDIR (a new foundation) belongs in a new folder,
+  or its tables would replace those of the earlier cells.
 --report: only rewrite those tables; trains nothing.
 The few-shot splits always hold the whole grid (K = 1, 5, 10 x 3 seeds), so a later sitting can add K or seeds
 without renumbering the folds already trained.
@@ -52,6 +54,7 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=None, help="default: METHODS (+ zeroshot for shift)")
     p.add_argument("--short", action="store_true", help="250 iterations per cell (`<name>_hip` trainers)")
     p.add_argument("--output", default=None, help="default: WORKDIR/results_<protocol>[_short]")
+    p.add_argument("--results", default=str(HERE / "results"), help="where the tables go (default benchmarks/results)")
     p.add_argument("--report", action="store_true", help="rewrite the tables from finished cells, train nothing")
     a = p.parse_args(argv)
     work = Path(a.workdir).resolve()
@@ -79,7 +82,7 @@ def main(argv=None):
 
         def publish(_records=None):
             found = dataclasses.replace(grid, methods=table_methods(config.output / "cells", a.short))
-            publish_tables(a.protocol, a.short, finished_cells(found), command)
+            publish_tables(Path(a.results), a.protocol, a.short, finished_cells(found), command)
         if a.report:
             return publish()
         make_target(work, a.protocol, relabel_dataset)
@@ -119,16 +122,15 @@ def table_methods(cells_dir: Path, short: bool) -> list:
     return [m for m in order if m in found] + sorted(found - set(order))
 
 
-def publish_tables(protocol: str, short: bool, records: list, command: str) -> None:
-    """The harness's tables under benchmarks/results/ (one stem per protocol and budget), with the protocol and
-    machine."""
+def publish_tables(results: Path, protocol: str, short: bool, records: list, command: str) -> None:
+    """The harness's tables in `results` (one stem per protocol and budget), with the protocol and machine."""
     iterations, stem = (250, f"hippocampus_{protocol}_cpu") if short else (1000, f"hippocampus_{protocol}_1000its_cpu")
     details = (f"protocol: {PROTOCOL_DOC[protocol]}. Supports: nested K = 1 ⊂ 5 ⊂ 10 per seed; scored by nnU-Net's "
                "evaluation on the 50 query cases of benchmarks/hippocampus_split.json. Schedules: "
                + ("benchmarks/ext/hippocampus_trainers.py." if short else "each trainer's default (README, Trainers).")
                + " The table holds every finished cell of this protocol and budget, from the runs listed in "
                "docs/hippocampus.md.")
-    bench_env.publish_fewshot(HERE / "results" / stem, records,
+    bench_env.publish_fewshot(results / stem, records,
                               f"Hippocampus few-shot, {protocol} protocol (real MR, tiny plans, {iterations:,} "
                               "iterations, CPU)",
                               bench_env.provenance(command, details))

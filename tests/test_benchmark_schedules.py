@@ -60,3 +60,18 @@ def test_hippocampus_tables_gather_every_finished_method_in_a_fixed_order(tmp_pa
     assert table_methods(tmp_path, short=True) == [
         "zeroshot", "scratch", "FSEFTnnUNetFTTrainer_hip", "FSEFTLinearProbeTrainer_hip", "FSEFTLoRATrainer_hip",
         "FSEFTLoRATITrainer_hip", "MyTrainer"]
+
+
+def test_hippocampus_tables_go_to_the_results_folder_asked_for(tmp_path, monkeypatch):
+    # a sitting on a new foundation publishes into its own folder and leaves the committed tables alone
+    monkeypatch.syspath_prepend(str(EXT.parent))
+    from hippocampus_fewshot import publish_tables
+    committed = EXT.parent / "results" / "hippocampus_novel_1000its_cpu.md"
+    before = committed.read_text() if committed.is_file() else None
+    records = [{"method": "FSEFTLoRATrainer", "k": 1, "seed": 0, "fold": 0, "dice": 0.7,
+                "dice_per_class": {"anterior": 0.7}}]
+    publish_tables(tmp_path / "sitting", "novel", False, records, "python benchmarks/hippocampus_fewshot.py W")
+    table = (tmp_path / "sitting" / "hippocampus_novel_1000its_cpu.md").read_text()
+    assert "| FSEFTLoRATrainer | 0.700 |" in table and "python benchmarks/hippocampus_fewshot.py W" in table
+    assert (tmp_path / "sitting" / "hippocampus_novel_1000its_cpu.csv").is_file()
+    assert (committed.read_text() if committed.is_file() else None) == before
