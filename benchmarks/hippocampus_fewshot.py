@@ -35,7 +35,8 @@ from hippocampus_common import HERE, SOURCE, SPLIT, SHIFT_DOC, both_classes_foun
 
 BASELINES = ["scratch", "FSEFTnnUNetFTTrainer"]  # from scratch, and nnU-Net's own -pretrained_weights fine-tuning
 METHODS = BASELINES + ["FSEFTLinearProbeTrainer", "FSEFTSpatialAdapterTrainer", "FSEFTBitFitTrainer",
-                       "FSEFTLoRATrainer", "FSEFTDecoderTrainer", "FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer"]
+                       "FSEFTAffineNormTrainer", "FSEFTCNNAdapterTrainer", "FSEFTLoRATrainer", "FSEFTDecoderTrainer",
+                       "FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer"]
 GRID = {"ks": [1, 5, 10], "seeds": [0, 1, 2]}
 PROTOCOL_DOC = {
     "novel": "novel class: a Posterior-only foundation (stock nnU-Net, 75 split-B cases, 1,000 iterations) adapted "
