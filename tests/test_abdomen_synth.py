@@ -429,7 +429,7 @@ def test_fewshot_writes_the_whole_grids_splits_so_a_later_seed_keeps_trained_fol
     monkeypatch.setattr(abdomen, "publish", lambda *args: None)
     monkeypatch.setattr(runner, "check_methods", lambda config: None)
     monkeypatch.setattr(runner, "prepare", lambda config: prepared.append((config.ks, config.seeds)))
-    monkeypatch.setattr(runner, "run_benchmark", lambda config, on_cell: {"records": [], "asked": config})
+    monkeypatch.setattr(runner, "run_benchmark", lambda config, on_cell: {"records": []})
     args = argparse.Namespace(methods=["FSEFTLoRATrainer_abd"], k=[1], seeds=1, device="cpu", report=False)
     abdomen.fewshot(tmp_path, 2, args, tmp_path / "results", "cmd")
     assert prepared == [([1, 5], [0, 1, 2])]
