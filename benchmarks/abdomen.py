@@ -15,13 +15,12 @@
    methods, from scratch, and TI on/off for three of them.
 Scores come from the 7 query subjects only; supports are drawn from the other 5 (with 5 supports, K=5 uses all five
 for every seed: seeds then differ in initialisation, augmentation and in which subject K=1 uses).
-Everything resumes: finished models and cells are kept, and the few-shot splits always hold the whole grid
-(K = 1, 5 x seeds 0-2), so a later sitting can add seeds without renumbering a trained fold.
+Everything resumes: finished models and cells are kept, and a later sitting can add K or seeds (their folds are
+appended to the few-shot splits, so a trained fold keeps its (K, seed)).
 Results go to --results (default benchmarks/results): abdomen_exp<N>_cpu.csv, .md (mean +- std over seeds) and .png.
 """
 import argparse
 import csv
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -38,7 +37,6 @@ ADAPT = ["FSEFTLinearProbeTrainer_abd", "FSEFTSpatialAdapterTrainer_abd", "FSEFT
 TI = ["FSEFTLinearProbeTITrainer_abd", "FSEFTLoRATITrainer_abd", "FSEFTDecoderLoRATITrainer_abd"]
 METHODS = {2: ["zeroshot", "scratch"] + ADAPT, 3: ["scratch"] + ADAPT + TI}
 TARGETS = {2: KNOWN_B, 3: NOVEL_B}
-GRID = {"ks": [1, 5], "seeds": [0, 1, 2]}  # the few-shot splits always hold it (see fewshot)
 CONFIGURATION = "3d_fullres"
 
 
@@ -278,7 +276,7 @@ def plot_experiment1(path: Path, records: list, organs: list, title: str) -> Non
 
 def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
     from nnunetv2_fseft.benchmark.config import load_config
-    from nnunetv2_fseft.benchmark.runner import check_methods, finished_cells, prepare, run_benchmark
+    from nnunetv2_fseft.benchmark.runner import check_methods, finished_cells, run_benchmark
     from nnunetv2_fseft.errors import FSEFTError
     target = TARGETS[n]
     query = work / "abdomen_query.json"
@@ -295,9 +293,6 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
         if args.report:
             return publish(results, n, finished_cells(config), target, command)
         foundation(work, args.device)
-        # Splits for the whole grid on the first run: adding seeds later must not renumber a trained fold.
-        prepare(dataclasses.replace(config, ks=sorted(set(GRID["ks"]) | set(config.ks)),
-                                    seeds=sorted(set(GRID["seeds"]) | set(config.seeds))))
         # published after every cell, so an interrupted sitting leaves its tables
         result = run_benchmark(config, on_cell=lambda records: publish(results, n, records, target, command))
     except FSEFTError as e:

@@ -17,8 +17,8 @@ The tables go to RESULTS/hippocampus_<protocol>_cpu.{md,csv,png} (--short) or
   RESULTS is --results, default benchmarks/results; a new WORKDIR (a new foundation) belongs in a new folder,
   or its tables would replace those of the earlier cells.
 --report: only rewrite those tables; trains nothing.
-The few-shot splits always hold the whole grid (K = 1, 5, 10 x 3 seeds), so a later sitting can add K or seeds
-without renumbering the folds already trained.
+A later sitting can add K or seeds: their folds are appended to the few-shot splits, so a trained fold keeps its
+(K, seed).
 WORKDIR may be the one of hippocampus_schedule.py (the Posterior foundation is shared); the targets are separate
 datasets so that these folds never mix with the schedule measurement's.
 """
@@ -61,7 +61,7 @@ def main(argv=None):
     work = Path(a.workdir).resolve()
     setup_env(work)
     from nnunetv2_fseft.benchmark.config import load_config
-    from nnunetv2_fseft.benchmark.runner import check_methods, finished_cells, prepare, run_benchmark
+    from nnunetv2_fseft.benchmark.runner import check_methods, finished_cells, run_benchmark
     from nnunetv2_fseft.data.convert import relabel_dataset
     from nnunetv2_fseft.errors import FSEFTError
     methods = a.methods or (["zeroshot"] if a.protocol == "shift" else []) + METHODS
@@ -87,7 +87,6 @@ def main(argv=None):
         if a.report:
             return publish()
         make_target(work, a.protocol, relabel_dataset)
-        prepare(grid)  # the whole grid's folds
         result = run_benchmark(config, on_cell=publish)
     except FSEFTError as e:
         sys.exit(f"hippocampus_fewshot: error: {e}")

@@ -415,21 +415,3 @@ def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigm
     table = (tmp_path / "results" / "abdomen_exp1_cpu.md").read_text()
     assert "| naive | T | label map | 0.500 |" in table
     assert "- upper: 2026-11-23, restored" in table  # a row from an earlier run says so
-
-
-def test_fewshot_writes_the_whole_grids_splits_so_a_later_seed_keeps_trained_folds(tmp_path, monkeypatch):
-    """Folds are numbered K-major: splits written for seed 0 alone would be renumbered by a later --seeds 2 (and
-    the harness then refuses while trained folds exist). So the first run writes K 1, 5 x seeds 0-2."""
-    import argparse
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import abdomen
-    from nnunetv2_fseft.benchmark import runner
-    prepared = []
-    monkeypatch.setattr(abdomen, "foundation", lambda work, device: None)
-    monkeypatch.setattr(abdomen, "publish", lambda *args: None)
-    monkeypatch.setattr(runner, "check_methods", lambda config: None)
-    monkeypatch.setattr(runner, "prepare", lambda config: prepared.append((config.ks, config.seeds)))
-    monkeypatch.setattr(runner, "run_benchmark", lambda config, on_cell: {"records": []})
-    args = argparse.Namespace(methods=["FSEFTLoRATrainer_abd"], k=[1], seeds=1, device="cpu", report=False)
-    abdomen.fewshot(tmp_path, 2, args, tmp_path / "results", "cmd")
-    assert prepared == [([1, 5], [0, 1, 2])]

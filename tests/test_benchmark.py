@@ -1,5 +1,6 @@
 """Zero-shot baseline and the benchmark harness, on tiny phantoms through nnU-Net's own commands."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,20 @@ def test_nnunet_fine_tuning_baseline_gets_the_foundation_but_a_fresh_head(world,
     encoder = [k for k in foundation if k.startswith("encoder.")]
     assert encoder and all(torch.equal(mine[k], foundation[k]) for k in encoder)
     assert torch.equal(trainer.network.decoder.seg_layers[-1].weight, head_before)  # nnU-Net leaves the head
+
+
+def test_a_later_seed_gets_new_folds_beside_trained_ones_and_another_query_is_refused(world, tmp_path):
+    """A later sitting adds seeds without moving a trained model's fold; a query change would, so it stops."""
+    name, _, before = prepare(load_config(_config(world, tmp_path)))
+    trained = world["root"] / "res" / name / "SomeTrainer__nnUNetPlans__3d_fullres" / "fold_0"
+    trained.mkdir(parents=True)
+    try:
+        _, _, after = prepare(load_config(_config(world, tmp_path, seeds=[0, 1, 2])))
+        assert after["folds"][:len(before["folds"])] == before["folds"]
+        assert {(k, s) for k in (1, 2) for s in (0, 1, 2)} <= {(f["k"], f["seed"]) for f in after["folds"]}
+        splits = (world["root"] / "pre" / name / "splits_final.json").read_text()
+        with pytest.raises(FSEFTError, match=f"another query set.*move nnUNet_results/{name} away"):
+            prepare(load_config(_config(world, tmp_path, query=2)))
+        assert (world["root"] / "pre" / name / "splits_final.json").read_text() == splits
+    finally:
+        shutil.rmtree(trained.parent)

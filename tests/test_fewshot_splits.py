@@ -70,7 +70,26 @@ def test_folds_are_nested_supports_with_one_shared_query(raw_env, capsys):
     # deterministic, and re-running over our own splits needs no --overwrite
     assert write_fewshot_splits("Dataset987_FewShotTiny", [1, 3, 5], [0, 1], n_query=3)["folds"] == r["folds"]
     assert "replacing" not in capsys.readouterr().err
-    write_fewshot_splits(987, [1], 2, n_query=3)  # a different table over our own: allowed, but said
+
+
+def test_later_k_and_seeds_are_appended_so_trained_folds_keep_their_meaning(raw_env, capsys):
+    """fold_X of a trained model must stay the same (K, seed) when a later sitting asks for more."""
+    first = write_fewshot_splits(987, [1, 3], [0], n_query=3)["folds"]
+    assert write_fewshot_splits(987, [1], [0], n_query=3)["folds"] == first  # a subset changes nothing
+    r = write_fewshot_splits(987, [1, 3, 5], [0, 2], n_query=3)
+    assert r["folds"][:2] == first
+    assert [(f["fold"], f["k"], f["seed"]) for f in r["folds"][2:]] == [(2, 1, 2), (3, 3, 2), (4, 5, 0), (5, 5, 2)]
+    assert r["ks"] == [1, 3, 5] and r["seeds"] == [0, 2]
+    by = {(f["k"], f["seed"]): f["train"] for f in r["folds"]}
+    assert by[(1, 0)] == by[(5, 0)][:1] and by[(3, 2)] == by[(5, 2)][:3]  # still nested across sittings
+    assert "replacing" not in capsys.readouterr().err
+    splits = json.loads((raw_env / "splits_final.json").read_text())
+    assert splits == [{"train": f["train"], "val": r["query"]} for f in r["folds"]]
+    # another query set moves the supports: the earlier folds cannot be kept
+    with pytest.raises(FSEFTError, match="would change the earlier folds"):
+        write_fewshot_splits(987, [1], [0], n_query=2, keep_earlier=True)
+    assert json.loads((raw_env / "splits_final.json").read_text()) == splits  # refused: nothing written
+    assert len(write_fewshot_splits(987, [1], [0], n_query=2)["folds"]) == 1  # replaced, and said
     assert "replacing the earlier few-shot splits" in capsys.readouterr().err
 
 

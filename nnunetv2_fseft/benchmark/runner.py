@@ -37,7 +37,7 @@ def prepare(config: BenchmarkConfig) -> tuple:
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from ..data.fewshot import TABLE_FILE, splits_are_ours, write_fewshot_splits
+    from ..data.fewshot import TABLE_FILE, EarlierFoldsChanged, splits_are_ours, write_fewshot_splits
     from ..planning import prepare_target
     if not config.checkpoint.is_file():
         raise FSEFTError(f"foundation checkpoint {config.checkpoint} does not exist; train the foundation first")
@@ -53,22 +53,23 @@ def prepare(config: BenchmarkConfig) -> tuple:
     if isinstance(wanted_query, dict):  # an earlier fewshot_splits.json used as the query file
         wanted_query = wanted_query.get("query", [])
     if table is None or not _covers(table, config, wanted_query):
-        _refuse_stale_folds(name)
         query = {"n_query": config.query} if isinstance(config.query, int) else {"query_file": str(config.query)}
-        table = write_fewshot_splits(name, config.ks, config.seeds, target_class=config.target_class, **query)
+        trained = _trained_folds(name)  # new K or seeds are appended; only a change to these folds must stop
+        try:
+            table = write_fewshot_splits(name, config.ks, config.seeds, target_class=config.target_class,
+                                         keep_earlier=bool(trained), **query)
+        except EarlierFoldsChanged as e:
+            raise FSEFTError(f"{e}, but models trained on the earlier folds exist (e.g. {trained[0]}); move "
+                             f"nnUNet_results/{name} away, or keep the query set of fewshot_splits.json") from None
     return name, json.loads((pre / "dataset.json").read_text()), table
 
 
-def _refuse_stale_folds(name: str) -> None:
-    """New splits renumber the folds: a trained fold_X would then be read as another (K, seed)."""
+def _trained_folds(name: str) -> list:
+    """fold_X folders of the target: a fold given other supports would be read as another (K, seed)."""
     from nnunetv2.paths import nnUNet_results
     from ..zeroshot import TRAINER_NAME as ZEROSHOT  # rebuilt by every zero-shot cell, never stale
-    stale = sorted(str(p) for p in (Path(nnUNet_results) / name).glob("*/fold_*")
-                   if not p.parent.name.startswith(f"{ZEROSHOT}__"))
-    if stale:
-        raise FSEFTError(f"the config needs new few-shot splits for {name}, but models trained on its current "
-                         f"splits exist (e.g. {stale[0]}); move nnUNet_results/{name} away, or keep the config's "
-                         "k/seeds/query within the splits of fewshot_splits.json")
+    return sorted(str(p) for p in (Path(nnUNet_results) / name).glob("*/fold_*")
+                  if not p.parent.name.startswith(f"{ZEROSHOT}__"))
 
 
 def _covers(table: dict, config: BenchmarkConfig, query) -> bool:

@@ -2,7 +2,8 @@
 
 One nnU-Net fold = one (K, seed) few-shot experiment:
   train = the K support cases of that seed, val = one fixed query set shared by every fold.
-Folds are numbered "for K in sorted(ks): for seed in seeds". Supports are nested per seed
+Folds are numbered "for K in sorted(ks): for seed in seeds"; asking later for more K or seeds appends their
+folds after the earlier ones, so a trained fold keeps its (K, seed). Supports are nested per seed
 (the K=1 case is the first of the K=5 cases, which are the first five of the K=10 cases), so a
 larger K only adds cases, as in the FSEFT protocol. The fold <-> (K, seed) table is saved next to
 splits_final.json as fewshot_splits.json; that file is also how we recognise our own splits.
@@ -29,6 +30,10 @@ TABLE_FILE = "fewshot_splits.json"
 BACKUP_SUFFIX = ".before_fewshot"  # a foreign splits_final.json replaced with --overwrite is kept here
 QUERY_SEED = 12345  # the query set is drawn once, independently of the support seeds
 _NOT_CONFIG_DIRS = {"gt_segmentations"}
+
+
+class EarlierFoldsChanged(FSEFTError):
+    """New splits would give an earlier fold other supports or another query set (keep_earlier=True)."""
 
 
 def _warn(message: str) -> None:
@@ -188,6 +193,24 @@ def splits_are_ours(folder: str) -> bool:
         return False
 
 
+def _earlier_folds(preprocessed: str, query: list, pool: list, keep_earlier: bool) -> list:
+    """Our earlier folds, if they still hold: the same query set and the supports the same seeds draw now
+    (the case list may have changed since). Otherwise [] (and they are replaced, with a warning) or an error."""
+    if not splits_are_ours(preprocessed):
+        return []
+    table = _load_json(os.path.join(preprocessed, TABLE_FILE))
+    folds = table["folds"]
+    if table["query"] == query and all(f["train"] == draw_supports(pool, f["k"], f["seed"]) for f in folds):
+        return folds
+    where = os.path.join(preprocessed, SPLITS_FILE)
+    if keep_earlier:
+        raise EarlierFoldsChanged(f"{where}: new splits would change the earlier folds (another query set, or "
+                                  f"the dataset's cases changed)")
+    _warn(f"replacing the earlier few-shot splits in {where} (another query set, or the dataset's cases changed); "
+          f"models already trained on its folds were trained on the old table")
+    return []
+
+
 def _class_values(dataset_json: dict, target_class) -> dict:
     """class name -> label values that make it up (a list for nnU-Net regions)."""
     names = foreground_label_names(dataset_json)
@@ -218,11 +241,13 @@ def find_missing_classes(cases: list, label_files: dict, class_values: dict) -> 
 
 
 def write_fewshot_splits(dataset, ks, seeds, n_query=None, query_file=None, target_class=None,
-                         overwrite=False, check_classes=True) -> dict:
+                         overwrite=False, check_classes=True, keep_earlier=False) -> dict:
     """Write splits_final.json + fewshot_splits.json for a dataset and return the fewshot_splits dict.
 
     dataset: ID or DatasetXXX_Name; ks: shot counts; seeds: a count (-> 0..n-1) or a list of seeds;
     n_query: size of the query set drawn with QUERY_SEED, or query_file: JSON list of case ids to use.
+    Earlier folds of ours that still hold keep their numbers, and the new (K, seed) folds follow them;
+    keep_earlier=True raises EarlierFoldsChanged rather than replace earlier folds that no longer hold.
     The returned dict also has 'splits_file' and 'missing_classes' (case -> classes absent in a support).
     """
     ks, seeds = _normalise_ks_seeds(ks, seeds)
@@ -251,20 +276,17 @@ def write_fewshot_splits(dataset, ks, seeds, n_query=None, query_file=None, targ
 
     in_query = set(query)
     pool = [c for c in cases if c not in in_query]
-    folds = []
-    supports = {s: draw_supports(pool, ks[-1], s) for s in seeds}
+    folds = _earlier_folds(preprocessed, query, pool, keep_earlier)
+    done = {(f["k"], f["seed"]) for f in folds}
     for k in ks:
         for s in seeds:
-            folds.append({"fold": len(folds), "k": k, "seed": s, "train": supports[s][:k]})
+            if (k, s) not in done:
+                folds.append({"fold": len(folds), "k": k, "seed": s, "train": draw_supports(pool, k, s)})
 
     os.makedirs(preprocessed, exist_ok=True)
     splits_path = os.path.join(preprocessed, SPLITS_FILE)
     new_splits = [{"train": f["train"], "val": list(query)} for f in folds]
-    if splits_are_ours(preprocessed):
-        if _load_json(splits_path) != new_splits:  # trained fold_X results now mean a different (K, seed)
-            _warn(f"replacing the earlier few-shot splits in {splits_path}; models already trained on its folds "
-                  f"were trained on the old table")
-    elif os.path.isfile(splits_path):
+    if os.path.isfile(splits_path) and not splits_are_ours(preprocessed):
         if not overwrite:
             raise FSEFTError(f"{splits_path} exists and was not written by this tool (e.g. nnU-Net's 5-fold split); "
                              f"add --overwrite to replace it (a copy is kept as {SPLITS_FILE}{BACKUP_SUFFIX})")
@@ -292,7 +314,8 @@ def write_fewshot_splits(dataset, ks, seeds, n_query=None, query_file=None, targ
             _warn(f"support case {case} (folds {in_folds}) has no voxel of {', '.join(lacking)} in its label map")
 
     query_seed = None if query_file is not None else QUERY_SEED
-    table = {"dataset": name, "source": source, "ks": ks, "seeds": seeds, "query_seed": query_seed,
+    table = {"dataset": name, "source": source, "ks": sorted({f["k"] for f in folds}),
+             "seeds": sorted({f["seed"] for f in folds}), "query_seed": query_seed,
              "folds": folds, "query": query}
     _save_json(table, os.path.join(preprocessed, TABLE_FILE))
     _save_json(new_splits, splits_path)

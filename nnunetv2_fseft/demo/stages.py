@@ -117,7 +117,8 @@ def prepare(wd: Workdir, settings: Settings, target: int, model_folder: Path) ->
         n_query, ks = _fit_ks(_n_cases(wd, target), ks)
     result = write_fewshot_splits(target, ks=ks, seeds=1, n_query=n_query, overwrite=True)
     return {"dataset": result["dataset"], "plans": plans_name, "query": result["query"],
-            "folds": [{"fold": f["fold"], "k": f["k"], "train": f["train"]} for f in result["folds"]]}
+            "folds": [{"fold": f["fold"], "k": f["k"], "train": f["train"]} for f in result["folds"]
+                      if f["k"] in ks and f["seed"] == 0]}  # a rerun with other Ks keeps the earlier folds too
 
 
 def _n_cases(wd: Workdir, target: int) -> int:
