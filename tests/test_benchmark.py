@@ -247,6 +247,15 @@ def test_nnunet_fine_tuning_baseline_gets_the_foundation_but_a_fresh_head(world,
     assert torch.equal(trainer.network.decoder.seg_layers[-1].weight, head_before)  # nnU-Net leaves the head
 
 
+def test_a_grid_asked_for_after_a_partial_one_gets_every_k_seed_pair(world, tmp_path):
+    """K=1 x seeds 0-1 then K=2 x seed 0 hold both K and both seeds, but not (K=2, seed 1): asking for the whole
+    grid must add that fold rather than fail on it."""
+    prepare(load_config(_config(world, tmp_path, k=[1], seeds=[0, 1])))
+    prepare(load_config(_config(world, tmp_path, k=[2], seeds=[0])))
+    _, _, table = prepare(load_config(_config(world, tmp_path, k=[1, 2], seeds=[0, 1])))
+    assert {(k, s) for k in (1, 2) for s in (0, 1)} <= {(f["k"], f["seed"]) for f in table["folds"]}
+
+
 def test_a_later_seed_gets_new_folds_beside_trained_ones_and_another_query_is_refused(world, tmp_path):
     """A later sitting adds seeds without moving a trained model's fold; a query change would, so it stops."""
     name, _, before = prepare(load_config(_config(world, tmp_path)))

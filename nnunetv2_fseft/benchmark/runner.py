@@ -74,7 +74,9 @@ def _trained_folds(name: str) -> list:
 
 def _covers(table: dict, config: BenchmarkConfig, query) -> bool:
     same_query = len(table["query"]) == query if isinstance(query, int) else table["query"] == list(query)
-    return same_query and set(config.ks) <= set(table["ks"]) and set(config.seeds) <= set(table["seeds"])
+    # (K, seed) pairs, not K and seeds apart: K=1 x seeds 0-2 plus K=5 x seed 0 lacks (5, 1)
+    have = {(f["k"], f["seed"]) for f in table["folds"]}
+    return same_query and all((k, s) in have for k in config.ks for s in config.seeds)
 
 
 def plan_cells(config: BenchmarkConfig, table: dict) -> list:
