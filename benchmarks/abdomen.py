@@ -22,6 +22,7 @@ Results go to --results (default benchmarks/results): abdomen_exp<N>_cpu.csv, .m
 import argparse
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,9 @@ import bench_env
 from abdomen_common import (DATA_RECORD, FULL, HERE, KNOWN_B, NOVEL_B, PRESET, QUERY_A, SPLIT, SPLIT_FILE, TAG,
                             assembled_folder_name, setup_env)
 
+# pre-training seeded, augmentation in the training process: the same models again after the work folder is lost
+# (not after a resumed interruption); ext/abdomen_trainers.py's Seeded
+PRETRAIN_ENV = {"nnUNet_fseft_seed": "0", "nnUNet_n_proc_DA": "0"}
 PRETRAIN = {"multitalent": (assembled_folder_name(), "MultiTalentTrainer_abd"),
             "naive": (assembled_folder_name(), "nnUNetTrainer_abd"),
             "upper": (FULL.folder_name, "nnUNetTrainer_abd")}
@@ -77,8 +81,9 @@ def plan_pretraining(work: Path, dataset: str) -> None:
     (pre / "splits_final.json").write_text(json.dumps([{"train": cases, "val": cases[:2]}]))
 
 
-def train(work: Path, dataset: str, trainer: str, device: str) -> float:
-    """nnUNetv2_train on fold 0 (resumed with --c after an interruption); seconds spent, 0 if already done."""
+def train(work: Path, dataset: str, trainer: str, device: str, env: dict = None) -> float:
+    """nnUNetv2_train on fold 0 (resumed with --c after an interruption); seconds spent, 0 if already done. `env`
+    adds to the environment."""
     import subprocess
     import time
     folder = model_folder(work, dataset, trainer) / "fold_0"
@@ -93,7 +98,7 @@ def train(work: Path, dataset: str, trainer: str, device: str) -> float:
     print(f"training {trainer} on {dataset} (log: {log})", flush=True)
     t0 = time.time()
     with open(log, "a") as f:
-        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode:
+        if subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).returncode:
             die(f"{' '.join(cmd)} failed; see the end of {log}")
     return time.time() - t0
 
@@ -102,7 +107,7 @@ def foundation(work: Path, device: str) -> Path:
     """Experiment 1's MultiTalent model: the foundation of experiments 2 and 3 (trained here if missing)."""
     dataset, trainer = PRETRAIN["multitalent"]
     plan_pretraining(work, dataset)
-    train(work, dataset, trainer, device)
+    train(work, dataset, trainer, device, PRETRAIN_ENV)
     return model_folder(work, dataset, trainer)
 
 
@@ -196,7 +201,7 @@ def experiment1(work: Path, results: Path, command: str, device: str) -> None:
             seconds = old["train_seconds"] or 0.0
         else:
             plan_pretraining(work, dataset)
-            seconds = train(work, dataset, trainer, device)
+            seconds = train(work, dataset, trainer, device, PRETRAIN_ENV)
         dice, per_sigmoid = predict_and_score(work, model, name, device)
         records.append({"model": name, "trainer": trainer, "dataset": dataset, "dice_per_class": dice,
                         "dice": sum(dice.values()) / len(dice), "train_seconds": round(seconds, 1) or None,

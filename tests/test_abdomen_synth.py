@@ -298,6 +298,26 @@ def test_data_command_refuses_existing_outputs(tmp_path):
 
 # ---------------------------------------------------------------------------------- tiny end-to-end harness run
 
+def tiny_abdomen(tmp_path, priors, dataset_id: int, nnunet_env) -> tuple:
+    """Two subjects (real ones, coarsened, when ../shared/data is there; else phantoms) synthesised at 10 mm in
+    domains A and B; domain A converted and planned as a tiny foundation dataset. Returns (subjects, B's cases)."""
+    from nnunetv2_fseft.data.convert import convert_structures
+    from nnunetv2_fseft.planning import plan_with_preset
+    from nnunetv2_fseft.synth.ct import write_case
+    if REAL_LABELS.is_dir():
+        sources = [coarse_copy(REAL_LABELS / f"{s}.nii.gz", tmp_path / "labels") for s in SPLIT["target"]["query"][:2]]
+    else:
+        sources = [write_phantom_labels(tmp_path / "labels", s, shift) for s, shift in (("s001", 0), ("s002", 2))]
+    subjects = [p.name[:-7] for p in sources]
+    cases = {d: [write_case(tmp_path / "synth" / d / s, p, ORGANS, priors, s, d, 0, 10.0)
+                 for s, p in zip(subjects, sources)] for d in "AB"}
+    name = convert_structures(cases["A"], dataset_id, "AbdTinyFound", structures=["liver", "spleen", "stomach"])
+    plan_with_preset(dataset_id, "tiny", num_processes=1)
+    (nnunet_env / "pre" / Path(name).name / "splits_final.json").write_text(
+        json.dumps([{"train": subjects, "val": subjects[:1]}]))
+    return subjects, cases["B"]
+
+
 def test_harness_runs_on_two_synthetic_subjects(tio, priors, nnunet_env, tmp_path):
     """Two subjects (real ones, coarsened, when ../shared/data is there; else phantoms) at 10 mm: a foundation on
     domain A (liver, spleen, stomach), a target in domain B with a known and a novel organ, one support and one
@@ -308,21 +328,9 @@ def test_harness_runs_on_two_synthetic_subjects(tio, priors, nnunet_env, tmp_pat
     from nnunetv2_fseft.benchmark.config import load_config
     from nnunetv2_fseft.benchmark.runner import run_benchmark
     from nnunetv2_fseft.data.convert import convert_structures
-    from nnunetv2_fseft.planning import plan_with_preset
-    from nnunetv2_fseft.synth.ct import write_case
     from phantom_world import model_folder
-    if REAL_LABELS.is_dir():
-        sources = [coarse_copy(REAL_LABELS / f"{s}.nii.gz", tmp_path / "labels") for s in SPLIT["target"]["query"][:2]]
-    else:
-        sources = [write_phantom_labels(tmp_path / "labels", s, shift) for s, shift in (("s001", 0), ("s002", 2))]
-    subjects = [p.name[:-7] for p in sources]
-    cases = {d: [write_case(tmp_path / "synth" / d / s, p, ORGANS, priors, s, d, 0, 10.0)
-                 for s, p in zip(subjects, sources)] for d in "AB"}
-    convert_structures(cases["A"], 961, "AbdTinyFound", structures=["liver", "spleen", "stomach"])
-    convert_structures(cases["B"], 962, "AbdTinyTarget", structures=["liver", "pancreas"])
-    plan_with_preset(961, "tiny", num_processes=1)
-    (nnunet_env / "pre" / "Dataset961_AbdTinyFound" / "splits_final.json").write_text(
-        json.dumps([{"train": subjects, "val": subjects[:1]}]))
+    _, cases_b = tiny_abdomen(tmp_path, priors, 961, nnunet_env)
+    convert_structures(cases_b, 962, "AbdTinyTarget", structures=["liver", "pancreas"])
     run_training("961", "3d_fullres", 0, "nnUNetTrainer_abdtest", device=torch.device("cpu"))
     found = model_folder(nnunet_env, "Dataset961_AbdTinyFound", "nnUNetTrainer_abdtest")
     config = tmp_path / "bench.json"
@@ -335,6 +343,30 @@ def test_harness_runs_on_two_synthetic_subjects(tio, priors, nnunet_env, tmp_pat
         assert set(r["dice_per_class"]) == {"liver", "pancreas"}
     assert records["zeroshot"]["dice_per_class"]["pancreas"] == 0  # a novel organ is never predicted zero-shot
     assert (tmp_path / "out" / "results.md").is_file() and (tmp_path / "out" / "dice_vs_k.png").is_file()
+
+
+def test_seeded_pretraining_rebuilds_the_same_foundation(tio, priors, nnunet_env, tmp_path, monkeypatch):
+    """The driver pre-trains with abdomen.PRETRAIN_ENV (a seed, augmentation in the training process), so that a
+    lost work folder rebuilds the foundation the committed cells were measured on: two seeded runs of a tiny
+    pre-training end with identical weights; an unseeded run does not (the comparison can see a difference)."""
+    import torch
+    from nnunetv2.run.run_training import run_training
+    from phantom_world import model_folder
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import abdomen
+    tiny_abdomen(tmp_path, priors, 963, nnunet_env)
+    checkpoint = model_folder(nnunet_env, "Dataset963_AbdTinyFound", "nnUNetTrainer_abdseeded") / "fold_0" / \
+        "checkpoint_final.pth"
+    weights = []
+    for seeded in (True, True, False):
+        for key, value in abdomen.PRETRAIN_ENV.items():
+            monkeypatch.setenv(key, value)
+        if not seeded:
+            monkeypatch.delenv("nnUNet_fseft_seed")
+        run_training("963", "3d_fullres", 0, "nnUNetTrainer_abdseeded", device=torch.device("cpu"))
+        weights.append(torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
 
 
 # ------------------------------------------------------------------------------------------ the driver's tables

@@ -10,6 +10,10 @@ No mirroring, in augmentation or at inference (nnU-Net's nnUNetTrainerNoMirrorin
 adrenal glands are separate classes, told apart by their side, which a mirror swaps; and test-time mirroring costs
 8 forward passes per tile, which made one query case take over 2 minutes on 2 CPU cores (measured).
 """
+import os
+import random
+
+import numpy as np
 import torch
 
 from nnunetv2_fseft.training.multitalent import MultiTalentTrainer
@@ -31,12 +35,26 @@ class NoMirroring:
         return rotation, dummy_2d, initial_patch_size, None
 
 
-class nnUNetTrainer_abd(NoMirroring, fseft_trainers.FSEFTScratchTrainer):
+class Seeded:
+    """Seeds Python, NumPy and torch from nnUNet_fseft_seed before nnU-Net builds the network and data loaders. With
+    nnUNet_n_proc_DA=0 (augmentation in the training process) a run then repeats itself on one machine, so a lost
+    work folder rebuilds the same foundation and later sittings can add cells to its grid."""
+
+    def initialize(self):
+        seed = os.environ.get("nnUNet_fseft_seed")
+        if seed:
+            random.seed(int(seed))
+            np.random.seed(int(seed))
+            torch.manual_seed(int(seed))
+        super().initialize()
+
+
+class nnUNetTrainer_abd(Seeded, NoMirroring, fseft_trainers.FSEFTScratchTrainer):
     """Stock nnU-Net pre-training (naive merge and upper bound) on the abdominal budget."""
     epochs, iterations_per_epoch, val_iterations_per_epoch = PRETRAIN_EPOCHS, ITERATIONS, VAL_ITERATIONS
 
 
-class MultiTalentTrainer_abd(NoMirroring, MultiTalentTrainer):
+class MultiTalentTrainer_abd(Seeded, NoMirroring, MultiTalentTrainer):
     """MultiTalent's loss and sampling on the same budget and SGD learning rate as nnUNetTrainer_abd, so that the
     three pre-training models differ in nothing else."""
 

@@ -21,6 +21,10 @@ class nnUNetTrainer_abdtest(_abd.NoMirroring, fseft_trainers.FSEFTScratchTrainer
     perform_actual_validation = _skip_final_validation
 
 
+class nnUNetTrainer_abdseeded(_abd.Seeded, nnUNetTrainer_abdtest):
+    """The benchmark's seeded pre-training on the plumbing budget."""
+
+
 FSEFTLinearProbeTrainer_abdtest = type("FSEFTLinearProbeTrainer_abdtest",
                                        (_abd.NoMirroring, fseft_trainers.FSEFTLinearProbeTrainer),
                                        {"epochs": 1, "iterations_per_epoch": 3, "val_iterations_per_epoch": 1})
