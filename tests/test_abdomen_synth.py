@@ -298,9 +298,9 @@ def test_data_command_refuses_existing_outputs(tmp_path):
 
 # ---------------------------------------------------------------------------------- tiny end-to-end harness run
 
-def tiny_abdomen(tmp_path, priors, dataset_id: int, nnunet_env) -> tuple:
+def tiny_abdomen(tmp_path, priors, dataset_id: int, nnunet_env) -> list:
     """Two subjects (real ones, coarsened, when ../shared/data is there; else phantoms) synthesised at 10 mm in
-    domains A and B; domain A converted and planned as a tiny foundation dataset. Returns (subjects, B's cases)."""
+    domains A and B; domain A converted and planned as a tiny foundation dataset. Returns domain B's cases."""
     from nnunetv2_fseft.data.convert import convert_structures
     from nnunetv2_fseft.planning import plan_with_preset
     from nnunetv2_fseft.synth.ct import write_case
@@ -315,7 +315,7 @@ def tiny_abdomen(tmp_path, priors, dataset_id: int, nnunet_env) -> tuple:
     plan_with_preset(dataset_id, "tiny", num_processes=1)
     (nnunet_env / "pre" / Path(name).name / "splits_final.json").write_text(
         json.dumps([{"train": subjects, "val": subjects[:1]}]))
-    return subjects, cases["B"]
+    return cases["B"]
 
 
 def test_harness_runs_on_two_synthetic_subjects(tio, priors, nnunet_env, tmp_path):
@@ -329,7 +329,7 @@ def test_harness_runs_on_two_synthetic_subjects(tio, priors, nnunet_env, tmp_pat
     from nnunetv2_fseft.benchmark.runner import run_benchmark
     from nnunetv2_fseft.data.convert import convert_structures
     from phantom_world import model_folder
-    _, cases_b = tiny_abdomen(tmp_path, priors, 961, nnunet_env)
+    cases_b = tiny_abdomen(tmp_path, priors, 961, nnunet_env)
     convert_structures(cases_b, 962, "AbdTinyTarget", structures=["liver", "pancreas"])
     run_training("961", "3d_fullres", 0, "nnUNetTrainer_abdtest", device=torch.device("cpu"))
     found = model_folder(nnunet_env, "Dataset961_AbdTinyFound", "nnUNetTrainer_abdtest")
