@@ -38,7 +38,8 @@ class NoMirroring:
 class Seeded:
     """Seeds Python, NumPy and torch from nnUNet_fseft_seed before nnU-Net builds the network and data loaders. With
     nnUNet_n_proc_DA=0 (augmentation in the training process) a run then repeats itself on one machine, so a lost
-    work folder rebuilds the same foundation and later sittings can add cells to its grid."""
+    work folder rebuilds the same foundation and later sittings can add cells to its grid. FSEFTTrainer seeds only
+    torch from the same variable: its adaptation cells augment in worker processes, which no seed here reaches."""
 
     def initialize(self):
         seed = os.environ.get("nnUNet_fseft_seed")
