@@ -296,21 +296,34 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
         config = load_config(config_file)
         check_methods(config)  # a mistyped method fails now, not after hours of pre-training
         if args.report:
-            return publish(results, n, finished_cells(config), target, command)
+            return publish(results, n, finished_cells(config), target, command, foundation_line(work))
         foundation(work, args.device)
+        line = foundation_line(work)
+        print(line, flush=True)
         # published after every cell, so an interrupted sitting leaves its tables
-        result = run_benchmark(config, on_cell=lambda records: publish(results, n, records, target, command))
+        result = run_benchmark(config, on_cell=lambda records: publish(results, n, records, target, command, line))
     except FSEFTError as e:
         die(str(e))
-    publish(results, n, result["records"], target, command)
+    publish(results, n, result["records"], target, command, line)
 
 
-def publish(results: Path, n: int, records: list, target, command: str) -> None:
+def foundation_line(work: Path) -> str:
+    """Which foundation the cells adapt: cells of two foundations must not share a table, and a rebuilt foundation
+    is the same one only if its weights are bitwise equal (the file's own hash changes with its log)."""
+    from nnunetv2_fseft.checkpoints import weights_sha256
+    checkpoint = model_folder(work, *PRETRAIN["multitalent"]) / "fold_0" / "checkpoint_final.pth"
+    if not checkpoint.is_file():
+        return f"Foundation: {checkpoint} not found."
+    return f"Foundation: {checkpoint.parent.parent.name}, network-weights sha256 {weights_sha256(checkpoint)}."
+
+
+def publish(results: Path, n: int, records: list, target, command: str, which_foundation: str) -> None:
     """The harness's tables, titled with what the data are, under results/abdomen_exp<n>_cpu.*"""
     what = {2: "known organs across the domain shift (A -> B)", 3: "novel organs in domain B"}[n]
     bench_env.publish_fewshot(results / f"abdomen_exp{n}_cpu", records,
                               f"Abdominal benchmark, experiment {n}: {what} ({TAG})",
-                              [*header(command), f"Target {target.folder_name}: {target.role}.", ""])
+                              [*header(command), f"Target {target.folder_name}: {target.role}.", "",
+                               which_foundation, ""])
 
 
 def header(command: str) -> list:

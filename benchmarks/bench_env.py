@@ -24,7 +24,8 @@ def provenance(command: str, details: str) -> list:
     import platform
     import torch
     return [f"Command ({datetime.date.today()}): `{command}`", "",
-            f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}), torch {torch.__version__}, load average "
+            f"Machine: {os.cpu_count()} CPU cores ({platform.machine()}, torch's CPU kernels "
+            f"{torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}, load average "
             f"{os.getloadavg()[0]:.1f}; {details}", ""]
 
 

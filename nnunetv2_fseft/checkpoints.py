@@ -138,6 +138,16 @@ def foundation_weights(checkpoint: dict) -> dict:
     return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
 
 
+def weights_sha256(path) -> str:
+    """sha256 over the network weights' names, dtypes, shapes and bytes, in order. Unlike the file's sha256 it
+    ignores the log and optimizer state, so two runs with bitwise-equal weights share it."""
+    h = hashlib.sha256()
+    for name, tensor in foundation_weights(read_foundation(path)).items():
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_foundation(network: torch.nn.Module, path, target_json: dict) -> list:
     """Load foundation weights into an (adapted) network. Returns log lines."""
     return apply_foundation(network, read_foundation(path), path, target_json)

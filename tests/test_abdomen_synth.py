@@ -351,13 +351,14 @@ def test_seeded_pretraining_rebuilds_the_same_foundation(tio, priors, nnunet_env
     pre-training end with identical weights; an unseeded run does not (the comparison can see a difference)."""
     import torch
     from nnunetv2.run.run_training import run_training
+    from nnunetv2_fseft.checkpoints import weights_sha256
     from phantom_world import model_folder
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import abdomen
     tiny_abdomen(tmp_path, priors, 963, nnunet_env)
     checkpoint = model_folder(nnunet_env, "Dataset963_AbdTinyFound", "nnUNetTrainer_abdseeded") / "fold_0" / \
         "checkpoint_final.pth"
-    weights = []
+    weights, digests = [], []
     for seeded in (True, True, False):
         for key, value in abdomen.PRETRAIN_ENV.items():
             monkeypatch.setenv(key, value)
@@ -365,8 +366,10 @@ def test_seeded_pretraining_rebuilds_the_same_foundation(tio, priors, nnunet_env
             monkeypatch.delenv("nnUNet_fseft_seed")
         run_training("963", "3d_fullres", 0, "nnUNetTrainer_abdseeded", device=torch.device("cpu"))
         weights.append(torch.load(checkpoint, map_location="cpu", weights_only=False)["network_weights"])
+        digests.append(weights_sha256(checkpoint))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    assert digests[0] == digests[1] != digests[2]  # what the tables print to tell foundations apart
 
 
 # ------------------------------------------------------------------------------------------ the driver's tables
@@ -384,14 +387,17 @@ def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path, monke
     assert "| multitalent | T | each sigmoid > 0.5 | 0.750 |" in exp1_table
     cells = [{"method": m, "k": k, "seed": s, "fold": 0, "dice": 0.4, "dice_per_class": {"pancreas": 0.4}}
              for m in ("scratch", "FSEFTLoRATrainer_abd") for k in (1, 5) for s in (0, 1)]
-    abdomen.publish(tmp_path, 3, cells, abdomen.NOVEL_B, "python benchmarks/abdomen.py W --experiment 3")
+    abdomen.publish(tmp_path, 3, cells, abdomen.NOVEL_B, "python benchmarks/abdomen.py W --experiment 3",
+                    "Foundation: F, network-weights sha256 0123.")
     for n in (1, 3):
         table = (tmp_path / f"abdomen_exp{n}_cpu.md").read_text()
         assert "real anatomy, synthetic intensities" in table.splitlines()[0]
         assert f"--experiment {n}" in table
         assert (tmp_path / f"abdomen_exp{n}_cpu.png").stat().st_size > 0
         assert (tmp_path / f"abdomen_exp{n}_cpu.csv").read_text().count("\n") > 1
-    assert "0.400 ± 0.000" in (tmp_path / "abdomen_exp3_cpu.md").read_text()  # mean ± std over seeds
+    exp3_table = (tmp_path / "abdomen_exp3_cpu.md").read_text()
+    assert "0.400 ± 0.000" in exp3_table  # mean ± std over seeds
+    assert "Foundation: F, network-weights sha256 0123." in exp3_table  # cells of two foundations never mix
 
 
 def test_sigmoid_scoring_keeps_a_class_the_label_map_overwrites(tmp_path, monkeypatch):

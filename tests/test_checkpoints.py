@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nnunetv2_fseft.checkpoints import load_foundation, map_heads
+from nnunetv2_fseft.checkpoints import load_foundation, map_heads, sha256, weights_sha256
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.peft import apply_peft
 
@@ -71,6 +71,22 @@ def test_missing_and_foreign_files_are_clear_errors(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pth")
     with pytest.raises(FSEFTError, match="not an nnU-Net checkpoint"):
         load_foundation(tiny_unet(), tmp_path / "other.pth", FOUND_SOFTMAX)
+
+
+def test_weights_digest_sees_the_weights_not_the_log(tmp_path):
+    """Two trainings with bitwise-equal weights must share the digest though their files differ (the log)."""
+    net = tiny_unet()
+    torch.save({"network_weights": net.state_dict(), "logging": {"epoch_end_timestamps": [1.0]}}, tmp_path / "a.pth")
+    torch.save({"network_weights": {f"module.{k}": v for k, v in net.state_dict().items()},
+                "logging": {"epoch_end_timestamps": [2.0]}}, tmp_path / "b.pth")
+    assert sha256(tmp_path / "a.pth") != sha256(tmp_path / "b.pth")
+    assert weights_sha256(tmp_path / "a.pth") == weights_sha256(tmp_path / "b.pth")
+    changed = net.state_dict()
+    key = next(iter(changed))
+    changed[key] = changed[key].clone()
+    changed[key].view(-1)[0] = torch.nextafter(changed[key].view(-1)[0], torch.tensor(1.0))  # one ulp
+    torch.save({"network_weights": changed}, tmp_path / "c.pth")
+    assert weights_sha256(tmp_path / "c.pth") != weights_sha256(tmp_path / "a.pth")
 
 
 def test_cuda_saved_checkpoint_loads_on_a_cpu_only_machine(tmp_path):
