@@ -296,9 +296,8 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
         config = load_config(config_file)
         check_methods(config)  # a mistyped method fails now, not after hours of pre-training
         if args.report:
-            return publish(results, n, finished_cells(config), target, command, foundation_line(work))
-        foundation(work, args.device)
-        line = foundation_line(work)
+            return publish(results, n, finished_cells(config), target, command, foundation_line(config.foundation))
+        line = foundation_line(foundation(work, args.device))
         print(line, flush=True)
         # published after every cell, so an interrupted sitting leaves its tables
         result = run_benchmark(config, on_cell=lambda records: publish(results, n, records, target, command, line))
@@ -307,11 +306,11 @@ def fewshot(work: Path, n: int, args, results: Path, command: str) -> None:
     publish(results, n, result["records"], target, command, line)
 
 
-def foundation_line(work: Path) -> str:
+def foundation_line(model: Path) -> str:
     """Which foundation the cells adapt: cells of two foundations must not share a table, and a rebuilt foundation
     is the same one only if its weights are bitwise equal (the file's own hash changes with its log)."""
     from nnunetv2_fseft.checkpoints import weights_sha256
-    checkpoint = model_folder(work, *PRETRAIN["multitalent"]) / "fold_0" / "checkpoint_final.pth"
+    checkpoint = Path(model) / "fold_0" / "checkpoint_final.pth"
     if not checkpoint.is_file():
         return f"Foundation: {checkpoint} not found."
     return f"Foundation: {checkpoint.parent.parent.name}, network-weights sha256 {weights_sha256(checkpoint)}."
