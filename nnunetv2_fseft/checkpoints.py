@@ -141,8 +141,13 @@ def foundation_weights(checkpoint: dict) -> dict:
 def weights_sha256(path) -> str:
     """sha256 over the network weights' names, dtypes, shapes and bytes, in order. Unlike the file's sha256 it
     ignores the log and optimizer state, so two runs with bitwise-equal weights share it."""
+    return weights_digest(read_foundation(path))
+
+
+def weights_digest(checkpoint: dict) -> str:
+    """weights_sha256 for a checkpoint already read (by read_foundation)."""
     h = hashlib.sha256()
-    for name, tensor in foundation_weights(read_foundation(path)).items():
+    for name, tensor in foundation_weights(checkpoint).items():
         h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()

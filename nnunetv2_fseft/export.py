@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import atomic_write, load_adapter_tensors, load_foundation, read_adapter, save_adapter, sha256
+from .checkpoints import (apply_foundation, atomic_write, load_adapter_tensors, read_adapter, read_foundation,
+                          save_adapter, sha256, weights_digest)
 from .errors import FSEFTError
 from .networks import build_adapted_network
 from .peft import METHODS, is_mergeable, merge_peft
@@ -121,24 +122,33 @@ def export_model(model_folder, out_folder, merge: bool, overwrite: bool = False)
     return Path(out_folder)
 
 
+def _check_foundation(config: dict, fold: Path, path, weights: str) -> None:
+    """Refuse a foundation with other weights than the adapter's. The weights' digest lets a copy that differs only
+    in its log or optimizer state through; adapters recorded before it carry the file's sha256, checked as such."""
+    recorded = config.get("foundation") or {}
+    key, given = ("weights_sha256", weights) if recorded.get("weights_sha256") else ("sha256", sha256(path))
+    trained_on = recorded.get(key)
+    if trained_on and trained_on != given:
+        what = "network-weights sha256" if key == "weights_sha256" else "file sha256"
+        raise FSEFTError(f"{fold}: this adapter was trained on another foundation ({what} {trained_on[:12]}…, "
+                         f"given {given[:12]}…); pass the checkpoint named in adapter.json: {recorded.get('path')}")
+
+
 def apply_adapter(adapter_folder, foundation_checkpoint, out_folder, merge: bool = False, overwrite: bool = False) -> Path:
     """Foundation checkpoint + adapter files -> a full model folder that nnUNetv2_predict uses."""
     adapter_folder = Path(adapter_folder)
     plans, dataset_json = _model_json(adapter_folder, "plans.json"), _model_json(adapter_folder, "dataset.json")
     folds = _folds(adapter_folder, "adapter.json")
-    digest = sha256(foundation_checkpoint) if Path(foundation_checkpoint).is_file() else None
+    foundation = read_foundation(foundation_checkpoint)
+    weights = weights_digest(foundation)
     with _OutputFolder(out_folder, overwrite) as out:
         _copy_model_files(adapter_folder, out)
         for fold in folds:
             config, tensors = read_adapter(fold)
             _check_config(config, fold)
-            trained_on = (config.get("foundation") or {}).get("sha256")
-            if trained_on and digest and trained_on != digest:
-                raise FSEFTError(f"{fold}: this adapter was trained on another foundation (sha256 {trained_on[:12]}…, "
-                                 f"given {digest[:12]}…); pass the checkpoint named in adapter.json: "
-                                 f"{config['foundation'].get('path')}")
+            _check_foundation(config, fold, foundation_checkpoint, weights)
             network = _rebuild(plans, dataset_json, config, fold)
-            load_foundation(network, foundation_checkpoint, dataset_json)
+            apply_foundation(network, foundation, foundation_checkpoint, dataset_json)
             load_adapter_tensors(network, tensors, fold)
             trainer_name = config["trainer_name"]
             if merge:

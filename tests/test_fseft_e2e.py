@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_fseft.checkpoints import read_adapter
+from nnunetv2_fseft.checkpoints import read_adapter, sha256, weights_sha256
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.export import apply_adapter, export_model
 from nnunetv2_fseft.peft import METHODS
@@ -64,7 +64,8 @@ def test_trainer_writes_checkpoint_and_adapter_and_keeps_frozen_weights(world, t
     fold = _model_folder(world["root"], "Dataset902_Target", f"{trainer}_testnoval") / "fold_0"
     config, tensors = read_adapter(fold)
     assert config["trainer_name"] == f"{trainer}_testnoval" and config["method"] in METHODS
-    assert config["foundation"]["sha256"]
+    foundation_file = world["foundation"] / "fold_0" / "checkpoint_final.pth"
+    assert config["foundation"]["weights_sha256"] == weights_sha256(foundation_file)
     checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     weights = checkpoint["network_weights"]
     assert set(tensors) <= set(weights) and all(torch.equal(tensors[k], weights[k]) for k in tensors)
@@ -113,15 +114,25 @@ def test_adapter_export_is_small_and_apply_rebuilds_the_model(world, trainer):
         export_model(model, adapter, merge=False)
 
 
-def test_adapter_refuses_another_foundation(world, tmp_path):
+def test_adapter_takes_a_copy_of_its_foundation_and_refuses_other_weights(world, tmp_path):
+    """A foundation re-saved with another log or without its optimizer state is the same foundation (same
+    network-weights digest); one changed weight makes it another."""
     adapter = world["root"] / "exports" / "lora_adapter_other"
     export_model(_model_folder(world["root"], "Dataset902_Target", "FSEFTLoRATrainer_testnoval"), adapter, merge=False)
-    other = tmp_path / "other.pth"
-    checkpoint = torch.load(world["foundation"] / "fold_0" / "checkpoint_final.pth", weights_only=False)
-    checkpoint["current_epoch"] = 99  # same weights, different file
-    torch.save(checkpoint, other)
-    with pytest.raises(FSEFTError, match="another foundation"):
-        apply_adapter(adapter, other, tmp_path / "out")
+    original = world["foundation"] / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(original, weights_only=False)
+    copy = tmp_path / "copy.pth"
+    torch.save(dict(checkpoint, current_epoch=99, optimizer_state=None), copy)
+    assert sha256(copy) != sha256(original)
+    rebuilt = [torch.load(apply_adapter(adapter, f, tmp_path / name) / "fold_0" / "checkpoint_final.pth",
+                          weights_only=False)["network_weights"] for f, name in [(original, "a"), (copy, "b")]]
+    assert all(torch.equal(rebuilt[0][k], rebuilt[1][k]) for k in rebuilt[0])
+    key = next(iter(checkpoint["network_weights"]))
+    checkpoint["network_weights"][key] = checkpoint["network_weights"][key] + 1e-6
+    torch.save(checkpoint, tmp_path / "other.pth")
+    with pytest.raises(FSEFTError, match="another foundation .network-weights sha256"):
+        apply_adapter(adapter, tmp_path / "other.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_resume_with_c_loads_the_adapted_checkpoint(world):

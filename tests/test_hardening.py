@@ -23,7 +23,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_fseft.checkpoints import atomic_write, load_foundation, read_adapter, save_adapter, sha256
+from nnunetv2_fseft.checkpoints import (atomic_write, load_foundation, read_adapter, save_adapter, sha256,
+                                       weights_sha256)
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.networks import build_adapted_network, build_plain_network
 from nnunetv2_fseft.peft import resolved_options
@@ -113,7 +114,8 @@ def adapter(folder: Path, foundation_file: Path, method="lora", options=None, co
     config = {"format": "nnunetv2_fseft.adapter/1", "trainer_name": "FSEFTLoRATrainer", "method": method,
               "options": resolved_options(method, options), "plans_name": "nnUNetPlans", "configuration": "3d_fullres",
               "fold": 0, "labels": DATASET_JSON["labels"],
-              "foundation": {"path": str(foundation_file), "sha256": sha256(foundation_file)},
+              "foundation": {"path": str(foundation_file), "sha256": sha256(foundation_file),
+                             "weights_sha256": weights_sha256(foundation_file)},
               "inference_allowed_mirroring_axes": [0, 1, 2]}
     config.update(config_changes or {})
     save_adapter(network, folder / "fold_0", config)
@@ -346,6 +348,15 @@ EXPORT_CASES = {
     "no adapter files": (
         lambda s: [p.unlink() for p in (s["adapter"] / "fold_0").iterdir()],
         r"adapter has no fold_X/adapter\.json; train first"),
+    "adapter of another foundation": (
+        lambda s: _rewrite_config(s["adapter"], foundation={"path": "/clinic/foundation.pth",
+                                                            "weights_sha256": "0" * 64}),
+        r"fold_0: this adapter was trained on another foundation \(network-weights sha256 000000000000…, given "
+        r"[0-9a-f]{12}…\); pass the checkpoint named in adapter.json: /clinic/foundation.pth"),
+    "adapter of another foundation, recorded by file only (older adapters)": (
+        lambda s: _rewrite_config(s["adapter"], foundation={"path": "/clinic/foundation.pth", "sha256": "0" * 64}),
+        r"fold_0: this adapter was trained on another foundation \(file sha256 000000000000…, "
+        r"given [0-9a-f]{12}…\)"),
     "foundation missing": (
         lambda s: s["foundation"].unlink(),
         r"foundation checkpoint .*foundation\.pth does not exist; pass the foundation's fold_X/checkpoint_final\.pth"),

@@ -10,7 +10,8 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from ..checkpoints import atomic_write, is_head_key, load_foundation, save_adapter, sha256
+from ..checkpoints import (apply_foundation, atomic_write, is_head_key, read_foundation, save_adapter, sha256,
+                           weights_digest)
 from ..errors import FSEFTError, fail
 from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
@@ -117,12 +118,15 @@ class FSEFTTrainer(nnUNetTrainer):
 
     def load_foundation(self, fname) -> None:
         try:
-            lines = load_foundation(self.plain_network(), fname, self.dataset_json)
+            checkpoint = read_foundation(fname)
+            lines = apply_foundation(self.plain_network(), checkpoint, fname, self.dataset_json)
         except FSEFTError as e:
             raise fail(str(e)) from None
         for line in lines:
             self.print_to_log_file(line)
-        pointer = {"path": str(Path(fname).resolve()), "sha256": sha256(fname)}
+        # the weights' digest identifies the foundation (apply_adapter checks it); the file's also changes with its log
+        pointer = {"path": str(Path(fname).resolve()), "sha256": sha256(fname),
+                   "weights_sha256": weights_digest(checkpoint)}
         atomic_write(self._foundation_file(), lambda tmp: Path(tmp).write_text(json.dumps(pointer, indent=2)))
 
     def _foundation_file(self) -> Path:
