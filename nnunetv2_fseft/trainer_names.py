@@ -7,10 +7,17 @@ import importlib
 import os
 import pkgutil
 import re
+from pathlib import Path
 
 from .errors import fail
 
 LIST_HINT = "nnUNetv2_fseft_ext_path --list shows each with its method and learning rate"
+
+
+def trainers_folder() -> str:
+    """The folder of the plugin's trainers (the installed `nnunetv2_fseft_trainers`): what nnUNet_extTrainer names."""
+    import nnunetv2_fseft_trainers
+    return str(Path(nnunetv2_fseft_trainers.__file__).resolve().parent)
 
 
 def plugin_trainers() -> dict:
@@ -75,7 +82,6 @@ def case_only_miss(name: str):
 
 def _folders_after_ours() -> bool:
     """True when nnUNet_extTrainer names an existing folder after the plugin's: a trainer there may still match."""
-    from .cli.ext_path import trainers_folder
     folders = [os.path.realpath(p) for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p.strip()]
     ours = os.path.realpath(trainers_folder())
     return ours in folders and any(os.path.isdir(p) for p in folders[folders.index(ours) + 1:])

@@ -17,7 +17,7 @@ SHARED_DATA = TESTS.parents[1] / "shared" / "data"
 def nnunet_env(tmp_path_factory):
     """nnU-Net folders in a tmp dir, our trainers on nnUNet_extTrainer, CPU-friendly worker counts."""
     root = tmp_path_factory.mktemp("nnunet")
-    from nnunetv2_fseft.cli.ext_path import trainers_folder
+    from nnunetv2_fseft.trainer_names import trainers_folder
     env = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
            "nnUNet_results": str(root / "res"), "nnUNet_n_proc_DA": "0", "nnUNet_compile": "0",
            "nnUNet_def_n_proc": "1", "nnUNet_extTrainer": os.pathsep.join([trainers_folder(), str(TESTS / "ext")])}

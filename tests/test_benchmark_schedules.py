@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-from nnunetv2_fseft.cli.ext_path import trainers_folder
+from nnunetv2_fseft.trainer_names import trainers_folder
 from nnunetv2_fseft_trainers import fseft_ti_trainers, fseft_trainers
 
 EXT = Path(__file__).resolve().parents[1] / "benchmarks" / "ext"

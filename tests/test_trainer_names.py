@@ -12,7 +12,7 @@ import pytest
 from nnunetv2_fseft.benchmark.runner import check_methods
 from nnunetv2_fseft.cli import ext_path
 from nnunetv2_fseft.errors import FSEFTError
-from nnunetv2_fseft.trainer_names import plugin_trainers, stop_on_case_only_miss, suggestions
+from nnunetv2_fseft.trainer_names import plugin_trainers, stop_on_case_only_miss, suggestions, trainers_folder
 
 BIN = Path(sys.executable).parent
 ERROR = "nnunetv2_fseft: error: "
@@ -31,7 +31,7 @@ def test_list_prints_every_trainer_with_method_learning_rate_and_optimizer(capsy
     assert rows["MultiTalentTrainer"][-3:] == ["lr", "1e-03", "SGD"]
     assert "FSEFTTrainer" not in rows and "nnUNetTrainer" not in rows  # bases, not choices
     ext_path.main([])
-    assert capsys.readouterr().out.strip() == ext_path.trainers_folder()
+    assert capsys.readouterr().out.strip() == trainers_folder()
 
 
 def test_suggestions():
@@ -46,7 +46,7 @@ def _config(*methods):
 
 
 def test_benchmark_methods_unknown_name_is_one_line_with_the_valid_names(monkeypatch, capsys):
-    monkeypatch.setenv("nnUNet_extTrainer", ext_path.trainers_folder())
+    monkeypatch.setenv("nnUNet_extTrainer", trainers_folder())
     check_methods(_config("zeroshot", "scratch", "FSEFTLoRATrainer", "nnUNetTrainer"))  # all valid
     with pytest.raises(FSEFTError) as e:
         check_methods(_config("zeroshot", "FSEFTLoraTrainer"))
@@ -60,7 +60,7 @@ def test_benchmark_methods_unknown_name_is_one_line_with_the_valid_names(monkeyp
 
 
 def test_name_check_answers_only_case_only_misses(monkeypatch, tmp_path):
-    ours = ext_path.trainers_folder()
+    ours = trainers_folder()
     monkeypatch.setenv("nnUNet_extTrainer", ours)
     module = importlib.import_module("nnunetv2_fseft_trainers.name_check")
     assert not hasattr(module, "FSEFTLoRATrainer") and not hasattr(module, "MyTrainer")
@@ -83,7 +83,7 @@ def test_nnunetv2_train_with_a_case_typo_prints_one_line(tmp_path):
     if not exe.exists():
         pytest.skip("nnUNetv2_train not installed")
     env = dict(os.environ, nnUNet_raw=str(tmp_path), nnUNet_preprocessed=str(tmp_path), nnUNet_results=str(tmp_path),
-               nnUNet_extTrainer=ext_path.trainers_folder(), nnUNet_n_proc_DA="0", nnUNet_compile="0")
+               nnUNet_extTrainer=trainers_folder(), nnUNet_n_proc_DA="0", nnUNet_compile="0")
     r = subprocess.run([str(exe), "4", "3d_fullres", "0", "-tr", "FSEFTLoraTrainer", "-device", "cpu"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr

@@ -30,7 +30,7 @@ class Cell:
 
 def plugin_environment() -> dict:
     """The caller's environment with the plugin's trainers on nnUNet_extTrainer (appended, never replacing)."""
-    from ..cli.ext_path import trainers_folder
+    from ..trainer_names import trainers_folder
     env = dict(os.environ)
     folders = [f for f in env.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
     if trainers_folder() not in folders:

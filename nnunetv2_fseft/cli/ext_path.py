@@ -4,14 +4,9 @@
   nnUNetv2_fseft_ext_path --list      the trainers there, each with its method, learning rate and optimizer
 """
 import argparse
-from pathlib import Path
 
 from ..errors import cli_entry
-
-
-def trainers_folder() -> str:
-    import nnunetv2_fseft_trainers
-    return str(Path(nnunetv2_fseft_trainers.__file__).resolve().parent)
+from ..trainer_names import trainer_table, trainers_folder
 
 
 @cli_entry
@@ -20,7 +15,6 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list the plugin's trainers (names for -tr)")
     if p.parse_args(argv).list:
-        from ..trainer_names import trainer_table
         print(trainer_table())
     else:
         print(trainers_folder())

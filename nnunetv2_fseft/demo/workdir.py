@@ -95,7 +95,7 @@ def _describe(settings) -> str:
 
 def nnunet_env(wd: Workdir) -> dict:
     """The variables nnU-Net reads, pointing into the work dir; CPU-friendly worker counts."""
-    from ..cli.ext_path import trainers_folder
+    from ..trainer_names import trainers_folder
     from ..demo_trainers import FOLDER as DEMO_TRAINERS
     return {"nnUNet_raw": str(wd.raw), "nnUNet_preprocessed": str(wd.preprocessed), "nnUNet_results": str(wd.results),
             "nnUNet_extTrainer": os.pathsep.join([trainers_folder(), DEMO_TRAINERS]),
