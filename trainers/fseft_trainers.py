@@ -7,6 +7,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
+from nnunetv2_fseft.training.schedule import apply_schedule
 
 
 class FSEFTFullFTTrainer(FSEFTTrainer):
@@ -65,7 +66,6 @@ class FSEFTDecoderAffineNormTrainer(FSEFTTrainer):
     peft_method, learning_rate = "decoder_affine_norm", 1e-3
 
 
-
 class FSEFTScratchTrainer(nnUNetTrainer):
     """The from-scratch baseline: stock nnU-Net (SGD, its LR, random init) on the FSEFT schedule."""
     epochs = FSEFTTrainer.epochs
@@ -76,10 +76,7 @@ class FSEFTScratchTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.learning_rate
-        self.num_epochs = self.epochs
-        self.num_iterations_per_epoch = self.iterations_per_epoch
-        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
+        apply_schedule(self)
 
 
 class FSEFTnnUNetFTTrainer(FSEFTScratchTrainer):

@@ -16,6 +16,7 @@ from ..errors import FSEFTError, fail
 from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
+from .schedule import apply_schedule
 from ..peft import apply_peft, count_parameters, get_method, resolved_options
 
 ADAPTER_FORMAT = "nnunetv2_fseft.adapter/1"
@@ -63,12 +64,8 @@ class FSEFTTrainer(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.learning_rate
+        apply_schedule(self)
         self.weight_decay = self.weight_decay_fseft
-        self.num_epochs = self.epochs
-        self.num_iterations_per_epoch = self.iterations_per_epoch
-        self.num_val_iterations_per_epoch = self.val_iterations_per_epoch
-        self.save_every = max(1, self.epochs // 4)  # so --c has something recent to resume from
         # deep supervision only where every head trains; black-box methods train the last head only
         try:
             self.enable_deep_supervision = get_method(self.peft_method).deep_supervision
