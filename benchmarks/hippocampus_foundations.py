@@ -34,14 +34,17 @@ KS, SEED = (1, 5), 0
 METHODS = ("FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer")
 SCRATCH = "FSEFTScratchTrainer"
 TARGETS = {"model": (114, "HippoAnteriorFromModel"), "encoder": (115, "HippoAnteriorFromEncoder")}
-# (start, trainer) in the order they run: the model-folder and scratch cells first, the encoder cells last
-CELLS = [("model", "FSEFTDecoderLoRATrainer"), ("scratch", SCRATCH), ("encoder", "FSEFTDecoderLoRATrainer"),
-         ("model", "FSEFTFullFTTrainer"), ("encoder", "FSEFTFullFTTrainer")]
+# (start, trainer, K) by priority: each encoder-only cell right after its model-folder twin, so that every finished
+# pair gives a ratio; a cell that cannot run yet (no nnssl module) is passed over and taken up once it can
+CELLS = [(start, trainer, k) for trainer in METHODS for k in KS for start in ("model", "encoder")]
+CELLS[4:4] = [("scratch", SCRATCH, k) for k in KS]
 STEM = "hippocampus_foundations_cpu"
 
 
 def nnssl_writer():
     """nnunetv2_fseft.foundations.nnssl.write_checkpoint, or None where this install lacks it."""
+    import importlib
+    importlib.invalidate_caches()  # the module may have been installed since this run started
     try:
         from nnunetv2_fseft.foundations.nnssl import write_checkpoint
     except ImportError:
@@ -210,26 +213,35 @@ def main(argv=None):
     foundation = posterior_foundation(work)
     weights = foundation / "fold_0" / "checkpoint_final.pth"
     targets = {"model": prepare(work, "model", foundation, foundation, log)}
-    rows, missing = [], []
-    for start, trainer in CELLS:
-        if start == "encoder" and "encoder" not in targets:
-            writer = nnssl_writer()
-            if writer is None:
-                missing += [f"(b) {trainer} K={k}: nnunetv2_fseft.foundations.nnssl is not installed" for k in KS]
+    start_weights = {"model": weights, "scratch": None, "encoder": work / "foundation_encoder_nnssl.pth"}
+    rows, failed = {}, set()
+    while True:
+        missing = []
+        for start, trainer, k in CELLS:
+            if start == "encoder" and "encoder" not in targets:
+                writer = nnssl_writer()
+                if writer is None:
+                    missing.append(f"(b) {trainer} K={k}: nnunetv2_fseft.foundations.nnssl is not installed")
+                    continue
+                targets["encoder"] = prepare(work, "encoder", encoder_checkpoint(work, foundation, writer),
+                                             foundation, log)
+            if (start, trainer, k) in rows:
                 continue
-            checkpoint = encoder_checkpoint(work, foundation, writer)
-            targets["encoder"] = prepare(work, "encoder", checkpoint, foundation, log)
-        for k in KS:
-            target = targets["model" if start == "scratch" else start]
-            start_weights = {"model": weights, "scratch": None,
-                             "encoder": work / "foundation_encoder_nnssl.pth"}[start]
-            row = train(work, start, trainer, target, k, start_weights, log)
-            rows.append(row)
-            if row["dice"] is None:
+            if (start, trainer, k) in failed:
                 missing.append(f"({'abc'[['model', 'encoder', 'scratch'].index(start)]}) {trainer} K={k}: "
-                               f"nnUNetv2_train failed (see the run's log)")
-            publish(Path(a.results), rows, missing, targets, command)
-    publish(Path(a.results), rows, missing, targets, command)
+                               "nnUNetv2_train failed (see the run's log)")
+                continue
+            break
+        else:
+            break
+        target = targets["model" if start == "scratch" else start]
+        row = train(work, start, trainer, target, k, start_weights[start], log)
+        if row["dice"] is None:
+            failed.add((start, trainer, k))
+        else:
+            rows[start, trainer, k] = row
+        publish(Path(a.results), list(rows.values()), missing, targets, command)
+    publish(Path(a.results), list(rows.values()), missing, targets, command)
     print((Path(a.results) / f"{STEM}.md").read_text())
 
 
