@@ -12,7 +12,8 @@ Methods: FSEFTDecoderLoRATrainer and FSEFTFullFTTrainer from 'model' and 'encode
 
   python benchmarks/hippocampus_foundations.py WORKDIR [--results DIR]
 
-Resumable: a cell whose validation/summary.json exists is not trained again. The 'encoder' cells need
+Resumable: a cell whose validation/summary.json exists is not trained again; a cell that fails is tried again
+after RETRY_AFTER_S while other cells remain, and on the next run. The 'encoder' cells need
 nnunetv2_fseft.foundations.nnssl; without it they are skipped (and listed as missing) and a later run adds them.
 The 'encoder' target is prepared from the nnssl checkpoint by nnUNetv2_fseft_prepare_target; where that command
 refuses a checkpoint, it is prepared with the model folder's plans (the same network) and the table says so.
@@ -39,6 +40,7 @@ TARGETS = {"model": (114, "HippoAnteriorFromModel"), "encoder": (115, "HippoAnte
 CELLS = [(start, trainer, k) for trainer in METHODS for k in KS for start in ("model", "encoder")]
 CELLS[4:4] = [("scratch", SCRATCH, k) for k in KS]
 STEM = "hippocampus_foundations_cpu"
+RETRY_AFTER_S = 600  # a failed cell (e.g. a foundation loader not installed yet) is tried again after this
 
 
 def nnssl_writer():
@@ -85,8 +87,10 @@ def prepare(work: Path, start: str, foundation_arg: Path, fallback: Path, log: P
     if foundation_arg.is_dir():
         prepare_target(dataset_id, foundation_arg, num_processes=1, overwrite=True)
     else:
+        # the foundation's own patch, so that (a) and (b) train on the same patches
+        patch = json.loads((fallback / "plans.json").read_text())["configurations"]["3d_fullres"]["patch_size"]
         cmd = [str(Path(sys.executable).parent / "nnUNetv2_fseft_prepare_target"), "-d", str(dataset_id),
-               "-m", str(foundation_arg), "-np", "1", "--overwrite"]
+               "-m", str(foundation_arg), "--patch-size", *map(str, patch), "-np", "1", "--overwrite"]
         with open(log, "a") as f:
             r = subprocess.run(cmd, stdout=f, stderr=subprocess.PIPE, text=True)
             f.write(r.stderr)
@@ -175,7 +179,8 @@ def publish(results: Path, rows: list, missing: list, targets: dict, command: st
     if enc is None:
         prepared = "(b) target: not prepared yet."
     elif enc["prepared_from"].endswith(".pth"):
-        prepared = "(b) target: prepared from the nnssl checkpoint by `nnUNetv2_fseft_prepare_target -m CHECKPOINT.pth`."
+        prepared = ("(b) target: prepared from the nnssl checkpoint by `nnUNetv2_fseft_prepare_target -m CHECKPOINT.pth "
+                    "--patch-size` with the foundation's patch.")
     else:
         prepared = ("(b) target: prepared with the model folder's plans (the same network), because "
                     f"`nnUNetv2_fseft_prepare_target -m CHECKPOINT.pth` refused the checkpoint: {enc['refusal']}")
@@ -214,7 +219,7 @@ def main(argv=None):
     weights = foundation / "fold_0" / "checkpoint_final.pth"
     targets = {"model": prepare(work, "model", foundation, foundation, log)}
     start_weights = {"model": weights, "scratch": None, "encoder": work / "foundation_encoder_nnssl.pth"}
-    rows, failed = {}, set()
+    rows, failed = {}, {}
     while True:
         missing = []
         for start, trainer, k in CELLS:
@@ -227,7 +232,7 @@ def main(argv=None):
                                              foundation, log)
             if (start, trainer, k) in rows:
                 continue
-            if (start, trainer, k) in failed:
+            if time.time() - failed.get((start, trainer, k), -RETRY_AFTER_S) < RETRY_AFTER_S:
                 missing.append(f"({'abc'[['model', 'encoder', 'scratch'].index(start)]}) {trainer} K={k}: "
                                "nnUNetv2_train failed (see the run's log)")
                 continue
@@ -237,7 +242,7 @@ def main(argv=None):
         target = targets["model" if start == "scratch" else start]
         row = train(work, start, trainer, target, k, start_weights[start], log)
         if row["dice"] is None:
-            failed.add((start, trainer, k))
+            failed[start, trainer, k] = time.time()
         else:
             rows[start, trainer, k] = row
         publish(Path(a.results), list(rows.values()), missing, targets, command)
