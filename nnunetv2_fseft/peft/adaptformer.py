@@ -11,8 +11,10 @@ from .tree import conv_nd, spatial_dims
 
 class BottleneckAdapter(nn.Module):
     mergeable = False
+    # hidden channels = out_channels // reduction; the method registry's option defaults are these
+    DEFAULTS = {"reduction": 4, "scale": 0.1}
 
-    def __init__(self, base_layer: nn.Module, reduction: int = 4, scale: float = 0.1):
+    def __init__(self, base_layer: nn.Module, reduction: int = DEFAULTS["reduction"], scale: float = DEFAULTS["scale"]):
         super().__init__()
         check_centred(base_layer)
         conv = conv_nd(spatial_dims(base_layer))

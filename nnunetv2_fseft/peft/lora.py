@@ -15,14 +15,17 @@ from .tree import TRANSPOSED_CONV_TYPES, conv_nd, spatial_dims
 
 class LoRAConv(nn.Module):
     mergeable = True
+    # the FSEFT study's setting (scaling alpha / r = 1); the method registry's option defaults are these
+    DEFAULTS = {"rank": 4, "alpha": 4, "dropout": 0.0}
 
-    def __init__(self, base_layer: nn.Module, rank: int = 4, alpha: float = None, dropout: float = 0.0):
+    def __init__(self, base_layer: nn.Module, rank: int = DEFAULTS["rank"], alpha: float = DEFAULTS["alpha"],
+                 dropout: float = DEFAULTS["dropout"]):
         super().__init__()
         if base_layer.groups != 1:
             raise ValueError("LoRA supports ungrouped convolutions only")
         self.base_layer = base_layer
         self.rank = rank
-        self.scaling = (alpha if alpha is not None else rank) / rank
+        self.scaling = alpha / rank
         self.transposed = isinstance(base_layer, TRANSPOSED_CONV_TYPES)
         kw = dict(kernel_size=base_layer.kernel_size, stride=base_layer.stride, padding=base_layer.padding,
                   dilation=base_layer.dilation, bias=False)

@@ -16,9 +16,9 @@ from .tree import conv_layers, head_modules, injected_modules, replace_module
 
 # injection kind -> (wrapper class, includes transposed convs, option keys it accepts)
 INJECTIONS = {
-    "lora": (LoRAConv, True, ("rank", "alpha", "dropout")),
+    "lora": (LoRAConv, True, tuple(LoRAConv.DEFAULTS)),
     "conv_adapter": (ParallelConvAdapter, False, ()),
-    "adaptformer": (BottleneckAdapter, False, ("reduction", "scale")),
+    "adaptformer": (BottleneckAdapter, False, tuple(BottleneckAdapter.DEFAULTS)),
 }
 
 
@@ -29,6 +29,12 @@ class Method:
     deep_supervision: bool = True     # only when every head is trained
     description: str = ""
     defaults: dict = field(default_factory=dict)
+
+    @property
+    def needs_trained_decoder(self) -> bool:
+        """The method keeps (part of) the decoder frozen, so it needs a decoder trained for segmentation: an
+        encoder-only foundation (nnssl) has none. Declared by `train`: neither 'all' nor 'decoder' in it."""
+        return not {"all", "decoder"} & set(self.train)
 
 
 METHODS = {
@@ -45,16 +51,16 @@ METHODS = {
     "cnn_adapter": Method(("injected", "heads"), inject=(("conv_adapter", "all"),),
                           description="parallel 1x1 adapter per conv + heads"),
     "adaptformer": Method(("injected", "heads"), inject=(("adaptformer", "all"),),
-                          description="bottleneck adapter per conv + heads", defaults={"reduction": 4, "scale": 0.1}),
+                          description="bottleneck adapter per conv + heads", defaults=dict(BottleneckAdapter.DEFAULTS)),
     "lora": Method(("injected", "heads"), inject=(("lora", "all"),),
                    description="LoRA on every conv and transposed conv + heads",
-                   defaults={"rank": 4, "alpha": 4, "dropout": 0.0}),
+                   defaults=dict(LoRAConv.DEFAULTS)),
     "decoder_lora": Method(("decoder", "injected"), inject=(("lora", "encoder"),),
-                           description="decoder + LoRA on the encoder", defaults={"rank": 4, "alpha": 4, "dropout": 0.0}),
+                           description="decoder + LoRA on the encoder", defaults=dict(LoRAConv.DEFAULTS)),
     "decoder_bitfit": Method(("decoder", "bias:encoder"), description="decoder + encoder biases"),
     "decoder_adaptformer": Method(("decoder", "injected"), inject=(("adaptformer", "encoder"),),
                                   description="decoder + bottleneck adapters on the encoder",
-                                  defaults={"reduction": 4, "scale": 0.1}),
+                                  defaults=dict(BottleneckAdapter.DEFAULTS)),
     "decoder_affine_norm": Method(("decoder", "norm:encoder"), description="decoder + encoder norm affines"),
 }
 
