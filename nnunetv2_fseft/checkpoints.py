@@ -1,26 +1,33 @@
-"""Foundation checkpoints in, adapter files out.
+"""Foundations in, adapter files out.
 
-- `load_foundation` puts a foundation's weights into an adapted network: checks the architecture first
-  (one clear line naming the first mismatching key), maps CUDA tensors to the CPU, and starts each target
-  class's head channel from the foundation's channel of the same name.
+- `apply_foundation` puts a foundation (read by foundations.read_foundation, whatever its source) into an adapted
+  network: checks the architecture first (one clear line naming the first mismatching key and the right fix),
+  maps the input channels when the target has other ones, starts each target class's head channel from the
+  foundation's channel of the same name, and for an encoder-only foundation starts decoder and heads fresh.
 - Adapter files hold only the trained tensors (safetensors, no pickle) plus the method's config (JSON).
 - Every file is written to a temporary name and renamed, so an interrupted write never leaves half a file.
 """
 import hashlib
 import json
+import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import FSEFTError
+from .foundations import Foundation, read_foundation
 from .names import foreground_label_names, normalize_class_name
 from .peft import foundation_key, trainable_state
+from .peft.tree import CONV_TYPES, TRANSPOSED_CONV_TYPES, head_modules, is_adapter_key
 
 HEAD_KEY = ".seg_layers."
+ENCODER_ALIAS = "decoder.encoder."  # dynamic-network-architectures' decoder holds the encoder again
 FIX_PLANS = ("prepare the target with the foundation's plans: "
-             "nnUNetv2_fseft_prepare_target -d TARGET -m FOUNDATION_MODEL_FOLDER")
+             "nnUNetv2_fseft_prepare_target -d TARGET -m FOUNDATION (model folder or checkpoint)")
+HE_SLOPE = 1e-2  # nnU-Net's InitWeights_He
 
 
 def atomic_write(path, write) -> None:
@@ -43,39 +50,114 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
-def read_foundation(path) -> dict:
-    """Load an nnU-Net checkpoint on the CPU whatever device saved it. nnU-Net checkpoints are pickles:
-    only load ones you trust (adapter files, in contrast, never execute code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FSEFTError(f"foundation checkpoint {path} does not exist; pass the foundation's "
-                         "fold_X/checkpoint_final.pth with -pretrained_weights")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # any unreadable file: say which and why, not a traceback
-        raise FSEFTError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:120]}); "
-                         "pass a checkpoint_final.pth written by nnUNetv2_train") from None
-    if not isinstance(checkpoint, dict) or "network_weights" not in checkpoint:
-        raise FSEFTError(f"{path} is not an nnU-Net checkpoint (no 'network_weights'); "
-                         "pass a checkpoint_final.pth written by nnUNetv2_train")
-    return checkpoint
+@dataclass
+class LoadReport:
+    """What apply_foundation did: log lines, the input-channel rule that applied (None: channels as they are) and
+    whether the stem's first convolution therefore trains."""
+    lines: list = field(default_factory=list)
+    channel_rule: str = None
+    stem_trains: bool = False
 
 
-def _check_architecture(adapted: dict, pretrained: dict, path) -> None:
-    for key, tensor in adapted.items():
+def input_projection(network: torch.nn.Module):
+    """The first convolution the input meets (the stem's), never an adapter's own layer."""
+    for name, module in network.encoder.named_modules():
+        if type(module) in CONV_TYPES and not is_adapter_key(name):
+            return module
+    raise FSEFTError("the network's encoder has no convolution; it is not a U-Net this plugin adapts")
+
+
+def train_input_projection(network: torch.nn.Module) -> None:
+    """The documented exception to the frozen encoder: a stem whose input channels were mapped trains."""
+    for p in input_projection(network).parameters():
+        p.requires_grad_(True)
+
+
+def _projection_keys(network: torch.nn.Module) -> set:
+    """Plain-network keys of the first convolution's weight, every alias included."""
+    first = input_projection(network)
+    return {foundation_key(f"{name}.weight") for name, m in network.named_modules(remove_duplicate=False) if m is first}
+
+
+def _source_key(fkey: str, foundation: Foundation):
+    """The foundation key that feeds `fkey`, or None when that tensor starts fresh (an encoder-only foundation's
+    decoder and heads; every foundation's heads are mapped separately)."""
+    if HEAD_KEY in fkey:
+        return None
+    if foundation.parts == "encoder":
+        if fkey.startswith(ENCODER_ALIAS):
+            fkey = fkey[len("decoder."):]
+        return fkey if fkey.startswith("encoder.") else None
+    return fkey
+
+
+def _rank_mismatch(fkey, got, want, foundation: Foundation) -> FSEFTError:
+    f_dims, t_dims = len(got) - 2, len(want) - 2
+    trained_as = f" (trained as '{foundation.configuration}')" if foundation.configuration else ""
+    return FSEFTError(f"foundation {foundation.path} is a {f_dims}d network{trained_as} but this configuration builds "
+                      f"a {t_dims}d one ('{fkey}' is {got} there, {want} here): adapt with a {f_dims}d configuration "
+                      f"(nnUNetv2_train TARGET {foundation.configuration or '3d_fullres'} FOLD -tr ...) or from a "
+                      f"{t_dims}d foundation; preparing the target again does not change this")
+
+
+def _check_architecture(state: dict, foundation: Foundation, projection: set, target_channels: int) -> None:
+    path, pretrained = foundation.path, foundation.weights
+    for key, tensor in state.items():
         fkey = foundation_key(key)
-        if fkey is None or HEAD_KEY in fkey:
+        source = None if fkey is None else _source_key(fkey, foundation)
+        if source is None:
             continue
-        if fkey not in pretrained:
-            raise FSEFTError(f"foundation {path} does not match this network: it has no '{fkey}'; {FIX_PLANS}")
-        if pretrained[fkey].shape != tensor.shape:
-            got, want = tuple(pretrained[fkey].shape), tuple(tensor.shape)
-            hint = ""
-            if tensor.ndim > 2 and got[0] == want[0] and got[1] != want[1] and key.startswith("encoder") and \
-                    fkey.endswith(".weight") and list(pretrained).index(fkey) < 4:
-                hint = f" (input channels: foundation {got[1]}, target {want[1]})"
-            raise FSEFTError(f"foundation {path} does not match this network: '{fkey}' is {got} in the "
-                             f"foundation but {want} here{hint}; {FIX_PLANS}")
+        if source not in pretrained:
+            raise FSEFTError(f"foundation {path} does not match this network: it has no '{source}'; {FIX_PLANS}")
+        got, want = tuple(pretrained[source].shape), tuple(tensor.shape)
+        if got == want:
+            continue
+        if len(got) != len(want):
+            raise _rank_mismatch(source, got, want, foundation)
+        if fkey in projection and got[0] == want[0] and got[2:] == want[2:]:
+            if want[1] > target_channels > 0:
+                raise FSEFTError(
+                    f"this network takes {want[1]} inputs: the target's {target_channels} image channel(s) + "
+                    f"{want[1] - target_channels} of the previous stage's segmentation (a cascade stage), which "
+                    f"foundation {path} ({got[1]} input channel(s)) has no weights for: adapt 3d_fullres or "
+                    "3d_lowres instead, or the cascade from a foundation trained as a cascade stage with the same "
+                    "classes")
+            continue  # another channel count: map_input_channels decides
+        raise FSEFTError(f"foundation {path} does not match this network: '{source}' is {got} in the "
+                         f"foundation but {want} here; {FIX_PLANS}")
+
+
+def _names(channel_names) -> list:
+    return [str(v) for _, v in sorted((channel_names or {}).items(), key=lambda kv: int(kv[0]))]
+
+
+def map_input_channels(weight: torch.Tensor, foundation: Foundation, target_json: dict, target_channels: int,
+                       source: str) -> tuple:
+    """The foundation's first-conv weight for the target's channels, and the rule used (None: as it is).
+    Channels whose names match map by name (case-insensitive); a 1-channel foundation's stem is repeated over the
+    target's C channels and divided by C (nnssl's rule: a constant input over channels gives the same activation)."""
+    f_names, t_names = _names(foundation.channel_names), _names(target_json.get("channel_names"))
+    f_count = weight.shape[1]
+    f_index = {n.casefold(): i for i, n in enumerate(f_names)}
+    by_name = len(f_names) == f_count and len(t_names) == target_channels and \
+        all(n.casefold() in f_index for n in t_names)
+    if f_count == target_channels and (not by_name or [f_index[n.casefold()] for n in t_names] == list(range(f_count))):
+        return weight, None
+    if by_name:
+        order = [f_index[n.casefold()] for n in t_names]
+        pairs = ", ".join(f"'{t}' <- '{f_names[i]}'" for t, i in zip(t_names, order))
+        return weight[:, order].clone(), f"input channels mapped by name ({pairs})"
+    if f_count == 1:
+        listed = ", ".join(f"'{n}'" for n in t_names) if t_names else f"{target_channels} channels"
+        return (weight.repeat(1, target_channels, *[1] * (weight.ndim - 2)) / target_channels,
+                f"input channels: the foundation's one channel repeated over the target's {target_channels} "
+                f"({listed}) and divided by {target_channels} (nnssl's rule)")
+    want = (weight.shape[0], target_channels, *weight.shape[2:])
+    raise FSEFTError(f"foundation {foundation.path} does not match this network: '{source}' is "
+                     f"{tuple(weight.shape)} in the foundation but {want} here (input channels: foundation {f_count}, "
+                     f"target {target_channels}); prepare the target with the foundation's channel names (foundation: "
+                     f"{f_names or 'not named'}, target: {t_names or 'not named'}) in dataset.json channel_names "
+                     "(case does not matter), or adapt from a 1-channel foundation (repeated over the channels)")
 
 
 def is_head_key(adapted_key: str) -> bool:
@@ -133,44 +215,95 @@ def zero_channels(adapted: dict, head_keys: list, channels) -> None:
         adapted[key][slice(None) if channels is None else channels] = 0
 
 
-def foundation_weights(checkpoint: dict) -> dict:
-    """The checkpoint's network weights without DDP's 'module.' prefix."""
-    return {k[7:] if k.startswith("module.") else k: v for k, v in checkpoint["network_weights"].items()}
-
-
 def weights_sha256(path) -> str:
-    """sha256 over the network weights' names, dtypes, shapes and bytes, in order. Unlike the file's sha256 it
-    ignores the log and optimizer state, so two runs with bitwise-equal weights share it."""
-    return weights_digest(read_foundation(path))
-
-
-def weights_digest(checkpoint: dict) -> str:
-    """weights_sha256 for a checkpoint already read (by read_foundation)."""
-    h = hashlib.sha256()
-    for name, tensor in foundation_weights(checkpoint).items():
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """sha256 over the foundation file's network weights' names, dtypes, shapes and bytes, in order. Unlike the
+    file's sha256 it ignores the log and optimizer state, so two runs with bitwise-equal weights share it."""
+    return read_foundation(path).weights_sha256
 
 
 def load_foundation(network: torch.nn.Module, path, target_json: dict) -> list:
-    """Load foundation weights into an (adapted) network. Returns log lines."""
-    return apply_foundation(network, read_foundation(path), path, target_json)
+    """Load a foundation (model folder, nnU-Net or nnssl checkpoint) into an (adapted) network. Returns log lines."""
+    return apply_foundation(network, read_foundation(path), target_json).lines
 
 
-def apply_foundation(network: torch.nn.Module, checkpoint: dict, path, target_json: dict) -> list:
-    """load_foundation for a checkpoint already read (by read_foundation)."""
-    pretrained = foundation_weights(checkpoint)
+def _redraw_fresh_decoder(network: torch.nn.Module, seed: str) -> None:
+    """An encoder-only foundation's decoder starts fresh. Its convolutions are drawn as nnU-Net's InitWeights_He
+    draws them, from a generator seeded by the foundation's digest: a method that keeps them frozen (opt-in) then
+    gets the same decoder again when `--apply` rebuilds the model from the adapter file."""
+    generator = torch.Generator().manual_seed(int(seed[:15], 16) if seed else 0)
+    heads = {id(m) for h in head_modules(network) for m in h.modules()}
+    gain = math.sqrt(2.0 / (1 + HE_SLOPE ** 2))
+    with torch.no_grad():
+        for name, module in network.named_modules():
+            if not name.startswith("decoder.") or name.startswith("decoder.encoder") or is_adapter_key(name) or \
+                    id(module) in heads or type(module) not in CONV_TYPES + TRANSPOSED_CONV_TYPES:
+                continue
+            fan_in = torch.nn.init._calculate_fan_in_and_fan_out(module.weight)[0]
+            draw = torch.randn(module.weight.shape, generator=generator) * (gain / math.sqrt(fan_in))
+            module.weight.copy_(draw.to(module.weight.device, module.weight.dtype))
+            if module.bias is not None:
+                module.bias.zero_()
+
+
+def _count(state: dict, loaded: set, prefix: str) -> tuple:
+    """(loaded, total) plain-network tensors under `prefix`, the decoder's alias of the encoder not counted."""
+    keys = {foundation_key(k) for k in state}
+    keys = {k for k in keys if k is not None and k.startswith(prefix) and not k.startswith(ENCODER_ALIAS)}
+    return len(keys & loaded), len(keys)
+
+
+def _citation_lines(citations: list) -> list:
+    lines = []
+    for c in citations:
+        if not isinstance(c, dict):
+            lines.append(f"cite: {c}")
+            continue
+        text = c.get("apa_citations") or c.get("bibtex_citations") or ""
+        text = " ".join(text) if isinstance(text, (list, tuple)) else str(text)
+        lines.append(f"cite ({c.get('type', 'work')}) {c.get('name', '')}: {' '.join(text.split())}".rstrip(": "))
+    return lines
+
+
+def apply_foundation(network: torch.nn.Module, foundation: Foundation, target_json: dict) -> LoadReport:
+    """Put `foundation` into `network` (adapted or plain); see the module docstring."""
+    report = LoadReport([f"foundation: {foundation.describe()}"])
+    if foundation.parts == "encoder":
+        _redraw_fresh_decoder(network, foundation.weights_sha256)
     state = network.state_dict()
-    _check_architecture(state, pretrained, path)
+    projection = _projection_keys(network)
+    target_channels = len(target_json.get("channel_names") or {})
+    _check_architecture(state, foundation, projection, target_channels)
+    loaded, mapped = set(), {}
     for key in state:
         fkey = foundation_key(key)
-        if fkey is not None and HEAD_KEY not in fkey:
-            state[key] = pretrained[fkey].to(state[key].dtype)
-    foundation_json = checkpoint.get("init_args", {}).get("dataset_json")
-    lines = map_heads(state, pretrained, target_json, foundation_json)
+        source = None if fkey is None else _source_key(fkey, foundation)
+        if source is None:
+            continue
+        value = foundation.weights[source]
+        if fkey in projection:
+            if source not in mapped:
+                mapped[source] = map_input_channels(value, foundation, target_json, state[key].shape[1], source)
+            value, rule = mapped[source]
+            report.channel_rule = report.channel_rule or rule
+        state[key] = value.to(state[key].dtype)
+        loaded.add(fkey[len("decoder."):] if fkey.startswith(ENCODER_ALIAS) else fkey)
+    heads = map_heads(state, foundation.weights, target_json, foundation.dataset_json)
     network.load_state_dict(state)
-    return [f"foundation loaded from {path}"] + lines
+    if report.channel_rule:
+        train_input_projection(network)
+        report.stem_trains = True
+        report.lines.append(f"{report.channel_rule}; the stem's first convolution trains (exception to the frozen "
+                            "encoder)")
+    encoder, decoder = _count(state, loaded, "encoder."), _count(state, loaded, "decoder.")
+    head_tensors = len({foundation_key(k) for k in state if is_head_key(k)})
+    adapters = len({id(v) for k, v in network.state_dict(keep_vars=True).items() if foundation_key(k) is None})
+    decoder_own = decoder[1] - head_tensors
+    fresh = f"decoder {decoder_own} tensors new" if foundation.parts == "encoder" else \
+        f"decoder {decoder[0]} of {decoder_own} tensors loaded"
+    report.lines.append(f"foundation weights: encoder {encoder[0]} of {encoder[1]} tensors loaded (stem included); "
+                        f"{fresh}; heads {head_tensors} tensors (by class name, below); {adapters} adapter tensors new")
+    report.lines += heads + _citation_lines(foundation.citations)
+    return report
 
 
 def save_adapter(network: torch.nn.Module, folder, config: dict) -> None:

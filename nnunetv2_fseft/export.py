@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (apply_foundation, atomic_write, load_adapter_tensors, read_adapter, read_foundation,
-                          save_adapter, sha256, weights_digest)
+from .checkpoints import (apply_foundation, atomic_write, load_adapter_tensors, read_adapter, save_adapter,
+                          sha256)
 from .errors import FSEFTError
+from .foundations import read_foundation
 from .networks import build_adapted_network
 from .peft import METHODS, is_mergeable, merge_peft
 
@@ -135,20 +136,20 @@ def _check_foundation(config: dict, fold: Path, path, weights: str) -> None:
 
 
 def apply_adapter(adapter_folder, foundation_checkpoint, out_folder, merge: bool = False, overwrite: bool = False) -> Path:
-    """Foundation checkpoint + adapter files -> a full model folder that nnUNetv2_predict uses."""
+    """Foundation (model folder, nnU-Net or nnssl checkpoint) + adapter files -> a full model folder that
+    nnUNetv2_predict uses."""
     adapter_folder = Path(adapter_folder)
     plans, dataset_json = _model_json(adapter_folder, "plans.json"), _model_json(adapter_folder, "dataset.json")
     folds = _folds(adapter_folder, "adapter.json")
-    foundation = read_foundation(foundation_checkpoint)
-    weights = weights_digest(foundation)
+    foundation = read_foundation(foundation_checkpoint)  # model folder, nnU-Net or nnssl checkpoint
     with _OutputFolder(out_folder, overwrite) as out:
         _copy_model_files(adapter_folder, out)
         for fold in folds:
             config, tensors = read_adapter(fold)
             _check_config(config, fold)
-            _check_foundation(config, fold, foundation_checkpoint, weights)
+            _check_foundation(config, fold, foundation.path, foundation.weights_sha256)
             network = _rebuild(plans, dataset_json, config, fold)
-            apply_foundation(network, foundation, foundation_checkpoint, dataset_json)
+            apply_foundation(network, foundation, dataset_json)  # also marks a channel-mapped stem as trained
             load_adapter_tensors(network, tensors, fold)
             trainer_name = config["trainer_name"]
             if merge:

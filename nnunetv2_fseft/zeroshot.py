@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import apply_foundation, atomic_write, channel_names, foundation_weights, read_foundation
+from .checkpoints import apply_foundation, atomic_write, channel_names
+from .foundations import read_foundation
 from .errors import FSEFTError
 from .export import STOCK_TRAINER
 from .networks import build_plain_network
@@ -72,14 +73,14 @@ def build_zeroshot_model(foundation_folder, target, fold: int = 0, foundation_fo
     if configuration not in plans["configurations"]:
         raise FSEFTError(f"cannot tell the configuration from {foundation_folder.name}; expected "
                          "TRAINER__PLANS__CONFIG as nnUNetv2_train names its output folders")
-    checkpoint = read_foundation(checkpoint_file)
+    foundation = read_foundation(checkpoint_file)
     network = build_plain_network(plans, configuration, target_json)
-    lines = apply_foundation(network, checkpoint, checkpoint_file, target_json)[1:]
+    lines = [line for line in apply_foundation(network, foundation, target_json).lines if line.startswith("head:")]
     if not any("<- foundation" in line for line in lines):
         raise FSEFTError(f"none of {name}'s classes is named like a foundation class ({'; '.join(lines)}); "
                          "zero-shot needs shared class names: adapt with an FSEFT trainer instead")
     state = network.state_dict()
-    _silence_unmapped(state, target_json, foundation_weights(checkpoint), checkpoint)
+    _silence_unmapped(state, target_json, foundation.weights, foundation.dataset_json)
     network.load_state_dict(state)
 
     out = Path(nnUNet_results) / name / f"{TRAINER_NAME}__{plans['plans_name']}__{configuration}"
@@ -90,6 +91,7 @@ def build_zeroshot_model(foundation_folder, target, fold: int = 0, foundation_fo
     fold_dir.mkdir(parents=True)
     (out / "plans.json").write_text(json.dumps(plans, indent=2))
     (out / "dataset.json").write_text(json.dumps(target_json, indent=2))
+    checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)  # read_foundation vetted it
     init_args = dict(checkpoint.get("init_args", {}), dataset_json=target_json, fold=fold)
     saved = {**checkpoint, "network_weights": network.state_dict(), "optimizer_state": None,
              "grad_scaler_state": None, "trainer_name": STOCK_TRAINER, "init_args": init_args}
@@ -98,9 +100,9 @@ def build_zeroshot_model(foundation_folder, target, fold: int = 0, foundation_fo
     return out
 
 
-def _silence_unmapped(state: dict, target_json: dict, pretrained: dict, checkpoint: dict) -> None:
+def _silence_unmapped(state: dict, target_json: dict, pretrained: dict, foundation_json: dict) -> None:
     """A target class the foundation never saw is never predicted (weight 0, bias -30), not guessed at random."""
-    foundation_json = checkpoint.get("init_args", {}).get("dataset_json") or {}
+    foundation_json = foundation_json or {}
     head = [k for k in state if ".seg_layers." in k]
     names, _ = channel_names(target_json, state[next(k for k in head if k.endswith("weight"))].shape[0])
     known, _ = channel_names(foundation_json, pretrained[next(k for k in head if k.endswith("weight"))].shape[0])

@@ -10,16 +10,17 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 
-from ..checkpoints import (apply_foundation, atomic_write, is_head_key, read_foundation, save_adapter, sha256,
-                           weights_digest)
+from ..checkpoints import apply_foundation, atomic_write, is_head_key, save_adapter, sha256, train_input_projection
+from ..foundations import read_foundation
 from ..errors import FSEFTError, fail
 from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
 from .schedule import apply_schedule
-from ..peft import apply_peft, count_parameters, get_method, resolved_options
+from ..peft import METHODS, apply_peft, count_parameters, get_method, resolved_options
 
 ADAPTER_FORMAT = "nnunetv2_fseft.adapter/1"
+ALLOW_UNTRAINED_DECODER_ENV = "nnUNet_fseft_allow_untrained_decoder"
 
 
 class GroupPolyLRScheduler(PolyLRScheduler):
@@ -60,6 +61,9 @@ class FSEFTTrainer(nnUNetTrainer):
     # recompute each stage's activations in backward (less memory, ~1 extra forward); docs/cost.md
     activation_checkpointing = False
     _resume_cache_from = None         # (checkpoint, epoch) loaded by --c: its sidecar refills the pool
+    # a method that keeps the decoder frozen is refused on an encoder-only foundation (nnssl), whose decoder starts
+    # untrained; True in a subclass (or nnUNet_fseft_allow_untrained_decoder=1) trains it anyway (docs/foundations.md)
+    allow_untrained_decoder = False
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -112,18 +116,49 @@ class FSEFTTrainer(nnUNetTrainer):
 
         load_pretrained_weights.original = original
         run_training.load_pretrained_weights = load_pretrained_weights
+        # --c never sees -pretrained_weights: a stem that trained because of its channel mapping trains on
+        if self.plans_manager.plans.get("continue_training") and self._foundation_file().is_file():
+            if json.loads(self._foundation_file().read_text()).get("stem_trains"):
+                train_input_projection(self.plain_network())
+                self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
+    def _refuse_untrained_decoder(self, foundation) -> None:
+        method = get_method(self.peft_method)
+        if foundation.parts != "encoder" or not method.needs_trained_decoder:
+            return
+        if self.allow_untrained_decoder or os.environ.get(ALLOW_UNTRAINED_DECODER_ENV) == "1":
+            self.print_to_log_file(f"WARNING: '{self.peft_method}' keeps the decoder frozen, and this foundation's "
+                                   "decoder starts untrained (opted in with allow_untrained_decoder)")
+            return
+        fitting = ", ".join(name for name, m in METHODS.items() if not m.needs_trained_decoder)
+        raise FSEFTError(f"{foundation.path} holds an encoder only (its decoder was not trained for segmentation), and "
+                         f"method '{self.peft_method}' keeps the decoder frozen; use a method that trains it: {fitting} "
+                         f"(e.g. -tr FSEFTDecoderLoRATrainer), or opt in with allow_untrained_decoder = True in a "
+                         f"trainer subclass or {ALLOW_UNTRAINED_DECODER_ENV}=1")
 
     def load_foundation(self, fname) -> None:
+        network = self.plain_network()
+        trainable_before = count_parameters(network)[0]
         try:
-            checkpoint = read_foundation(fname)
-            lines = apply_foundation(self.plain_network(), checkpoint, fname, self.dataset_json)
+            foundation = read_foundation(fname)
+            self._refuse_untrained_decoder(foundation)
+            report = apply_foundation(network, foundation, self.dataset_json)
         except FSEFTError as e:
             raise fail(str(e)) from None
-        for line in lines:
+        for line in report.lines:
             self.print_to_log_file(line)
+        if count_parameters(network)[0] != trainable_before:  # the mapped stem joins the trained parameters
+            if self.is_ddp:  # DDP registered its parameters in initialize(); a late one would not be synchronised
+                raise fail("another input channel count makes the stem train, which DDP cannot add after "
+                           "initialisation: train this target on one GPU")
+            self.optimizer, self.lr_scheduler = self.configure_optimizers()
+            trainable, total = count_parameters(network)
+            self.print_to_log_file(f"now training {trainable:,} of {total:,} parameters ({100 * trainable / total:.3f}%)")
         # the weights' digest identifies the foundation (apply_adapter checks it); the file's also changes with its log
-        pointer = {"path": str(Path(fname).resolve()), "sha256": sha256(fname),
-                   "weights_sha256": weights_digest(checkpoint)}
+        pointer = {"path": str(Path(foundation.path).resolve()), "sha256": sha256(foundation.path),
+                   "weights_sha256": foundation.weights_sha256, "source": foundation.source,
+                   "parts": foundation.parts, "input_channels": report.channel_rule, "stem_trains": report.stem_trains,
+                   "citations": foundation.citations}
         atomic_write(self._foundation_file(), lambda tmp: Path(tmp).write_text(json.dumps(pointer, indent=2)))
 
     def _foundation_file(self) -> Path:
@@ -133,7 +168,7 @@ class FSEFTTrainer(nnUNetTrainer):
         super().on_train_start()
         if not self._foundation_file().is_file() and self.peft_method != "full":
             self.print_to_log_file(f"WARNING: no -pretrained_weights given: '{self.peft_method}' adapts a randomly "
-                                   "initialised network. Pass the foundation's checkpoint_final.pth.")
+                                   "initialised network. Pass the foundation's checkpoint (nnU-Net or nnssl).")
         self._start_feature_cache()
 
     def _amp(self):
