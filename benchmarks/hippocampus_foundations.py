@@ -35,10 +35,13 @@ KS, SEED = (1, 5), 0
 METHODS = ("FSEFTDecoderLoRATrainer", "FSEFTFullFTTrainer")
 SCRATCH = "FSEFTScratchTrainer"
 TARGETS = {"model": (114, "HippoAnteriorFromModel"), "encoder": (115, "HippoAnteriorFromEncoder")}
-# (start, trainer, K) by priority: each encoder-only cell right after its model-folder twin, so that every finished
-# pair gives a ratio; a cell that cannot run yet (no nnssl module) is passed over and taken up once it can
-CELLS = [(start, trainer, k) for trainer in METHODS for k in KS for start in ("model", "encoder")]
-CELLS[4:4] = [("scratch", SCRATCH, k) for k in KS]
+# (start, trainer, K) by priority, for a CPU that may finish only some: K = 5 first (the protocol's main budget), the
+# encoder-only cells before their model-folder twins, full FT on the encoder (the other method that fits an
+# encoder-only foundation) before scratch; then K = 1 in the same order. A cell that cannot run yet (no nnssl module)
+# is passed over and taken up once it can.
+CELLS = [(start, trainer, k) for k in sorted(KS, reverse=True)
+         for start, trainer in (("encoder", METHODS[0]), ("model", METHODS[0]), ("encoder", METHODS[1]),
+                                ("scratch", SCRATCH), ("model", METHODS[1]))]
 STEM = "hippocampus_foundations_cpu"
 RETRY_AFTER_S = 600  # a failed cell (e.g. a foundation loader not installed yet) is tried again after this
 
