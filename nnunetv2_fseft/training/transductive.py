@@ -39,6 +39,7 @@ from nnunetv2.utilities.helpers import dummy_context
 
 from ..errors import fail
 from ..losses.size_prior import DEFAULT_GAMMA, DEFAULT_LAMBDA, SizePriorLoss, estimate_class_sizes, sizes_tensor
+from .optim_step import backward_and_step
 
 
 # ------------------------------------------------------------------ data access (no labels for queries)
@@ -302,9 +303,6 @@ class TransductiveMixin:
         s_hat = others + s.detach() + n_tiles * (s - s.detach())
         return self._ti_prior.penalty(s_hat), s.detach()
 
-    def _backward(self, loss: torch.Tensor) -> None:
-        (self.grad_scaler.scale(loss) if self.grad_scaler is not None else loss).backward()
-
     def train_step(self, batch: dict) -> dict:
         if not self.ti_active():
             return super().train_step(batch)
@@ -312,7 +310,8 @@ class TransductiveMixin:
             self.ti_epoch_pass()
         # nnUNetTrainer.train_step (2.8.1) plus lambda * L_TI on query tiles. Supports and query tiles go through the
         # network separately (peak memory of the supervised step; no query in batch-norm statistics) and their
-        # gradients add up before the one optimizer step; under DDP they are synchronised once, with the second.
+        # gradients add up before the one optimizer step (nnU-Net's tail, optim_step); under DDP they are
+        # synchronised once, with the second backward.
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
@@ -325,20 +324,11 @@ class TransductiveMixin:
         with self.network.no_sync() if self.is_ddp else dummy_context():
             with amp():
                 l_seg = self.loss(self.network(data), target)
-            self._backward(l_seg)
+            (self.grad_scaler.scale(l_seg) if self.grad_scaler is not None else l_seg).backward()
         del data
         with amp():
             l_ti, s_fresh = self.ti_loss(head_output(self.network(query)), picks)
-        self._backward(self.ti_lambda * l_ti)
-
-        if self.grad_scaler is not None:
-            self.grad_scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
-            self.optimizer.step()
+        backward_and_step(self, self.ti_lambda * l_ti)
         for (q, t), row in zip(picks, s_fresh.double().cpu().numpy()):
             self._ti_cache[q][t] = row  # the tile's size before this step's update: fresher than the epoch pass
         loss = l_seg.detach() + self.ti_lambda * l_ti.detach()
