@@ -41,13 +41,12 @@ class FSEFTTrainer(nnUNetTrainer):
     peft_method = "full"
     peft_options = {}
     learning_rate = 1e-4
-    # the segmentation head's own rate (None: learning_rate), the linear probe's 1e-2 for every method. New head
-    # channels start at zero and Adam moves a weight by about its rate per step: a new head at 1e-4 did not commit in
-    # 1,000 steps (full FT, hippocampus), and at 1e-3 it held back the decoder it feeds (decoder + LoRA, novel
-    # abdominal organs; docs/abdomen.md). Chosen on the supports' training loss.
+    # the segmentation head's own rate (None: learning_rate), the linear probe's for every method: new head channels
+    # start at zero and Adam moves a weight by about its rate per step, so a head at the body's rate stays uncommitted
+    # (docs/hippocampus.md, "New head channels start at zero")
     head_learning_rate = 1e-2
     weight_decay_fseft = 1e-4
-    # short few-shot schedule: 20 x 50 = 1,000 iterations (see README, "Schedule")
+    # short few-shot schedule: 20 x 50 = 1,000 iterations; a subclass changes it (README, "Changing the schedule")
     epochs = 20
     iterations_per_epoch = 50
     val_iterations_per_epoch = 10
