@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..peft.tree import head_modules
-from .optim_step import backward_and_step
+from .optim_step import average_gradients, backward_and_step
 
 SPILL_PREFIX = "fseft_feature_pool_"  # temporary folders of spilled pool samples
 
@@ -265,11 +265,13 @@ class FeatureCache:
 
 def head_train_step(trainer, features: torch.Tensor, target: torch.Tensor, amp) -> dict:
     """nnUNetTrainer.train_step (2.8.1) with the final head on cached features in place of the network:
-    same loss, AMP/grad scaler, gradient clipping at 12 and optimizer step."""
+    same loss, AMP/grad scaler, gradient clipping at 12 and optimizer step. The head runs outside DDP's wrapper,
+    so under DDP its gradients are averaged over the ranks here, as DDP would (each rank trains on its own pool)."""
     head = final_head(trainer.plain_network())
     trainer.optimizer.zero_grad(set_to_none=True)
     with amp():
         weight = next(head.parameters())
         output = head(features.to(weight.dtype))
         loss = trainer.loss(output, target)
-    return backward_and_step(trainer, loss)
+    sync = (lambda: average_gradients(head.parameters())) if getattr(trainer, "is_ddp", False) else None
+    return backward_and_step(trainer, loss, sync)

@@ -9,6 +9,7 @@ import torch
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpoints import apply_foundation, atomic_write, is_head_key, save_adapter, sha256, train_input_projection
 from ..foundations import read_foundation
@@ -84,8 +85,9 @@ class FSEFTTrainer(nnUNetTrainer):
         return apply_peft(network, cls.peft_method, cls.peft_options)
 
     def plain_network(self) -> torch.nn.Module:
-        """The network without DDP / torch.compile wrappers."""
-        mod = self.network.module if self.is_ddp else self.network
+        """The network without DDP / torch.compile wrappers. Checked by type, not by is_ddp: nnU-Net builds the
+        optimizer (configure_optimizers) before it wraps the network in DDP."""
+        mod = self.network.module if isinstance(self.network, DistributedDataParallel) else self.network
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def initialize(self):
@@ -179,12 +181,14 @@ class FSEFTTrainer(nnUNetTrainer):
         network = self.plain_network()
         if not self.use_feature_cache or self.enable_deep_supervision or not is_black_box(network):
             return
+        # under DDP each rank pools its own batches; its own seed draws different samples from them
         pool = FeaturePool(self.feature_pool_size, self.feature_dtype, self.feature_pool_memory_mb * 2 ** 20,
-                           spill_dir=self.output_folder)
+                           spill_dir=self.output_folder, seed=self.local_rank)
         self.feature_cache = FeatureCache(pool, self.feature_refresh_every)
         self.dataloader_train = LazyBatches(self.dataloader_train)
         self.print_to_log_file(f"feature cache: pool of {self.feature_pool_size} samples ({self.feature_dtype}), "
-                               f"refresh every {self.feature_refresh_every} steps once full")
+                               f"refresh every {self.feature_refresh_every} steps once full"
+                               + (", head gradients averaged over the DDP ranks" if self.is_ddp else ""))
         if self._resume_cache_from is not None:
             if self.is_ddp:  # only rank 0 saves; each rank keeps its own pool
                 self.print_to_log_file("feature cache: not restored under DDP; rebuilding the pool")
