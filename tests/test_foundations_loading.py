@@ -168,3 +168,30 @@ def test_real_resenc_l_loads_448_of_448_encoder_tensors_and_they_matter(tmp_path
         weight = target.encoder.stages[3].blocks[0].conv1.conv.base_layer.weight
         weight.add_(0.1 * torch.randn_like(weight))
         assert not torch.allclose(target(x), before)
+
+
+def test_decoder_frozen_methods_are_declared_and_refused_unless_a_subclass_opts_in(tmp_path, monkeypatch):
+    from nnunetv2_fseft.peft import METHODS
+    from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
+    assert {m for m, spec in METHODS.items() if spec.needs_trained_decoder} == {
+        "ft_last", "linear_probe", "spatial_adapter", "bitfit", "affine_norm", "cnn_adapter", "adaptformer", "lora"}
+    foundation, _, _ = _ssl(tmp_path)
+    monkeypatch.delenv("nnUNet_fseft_allow_untrained_decoder", raising=False)
+
+    class Trainer:
+        peft_method, allow_untrained_decoder, logged = "bitfit", False, []
+        print_to_log_file = logged.append
+        _refuse = FSEFTTrainer._refuse_untrained_decoder
+
+    with pytest.raises(FSEFTError, match=r"method 'bitfit' keeps the decoder frozen; use a method that trains it: "
+                                         r"full, decoder, decoder_lora, decoder_bitfit, decoder_adaptformer, "
+                                         r"decoder_affine_norm \(e\.g\. -tr FSEFTDecoderLoRATrainer\)"):
+        Trainer()._refuse(foundation)
+
+    class OptedIn(Trainer):
+        allow_untrained_decoder = True
+
+    OptedIn()._refuse(foundation)
+    assert "opted in" in OptedIn.logged[-1]
+    Trainer.peft_method = "decoder_bitfit"
+    Trainer()._refuse(foundation)  # trains the decoder: nothing to refuse
