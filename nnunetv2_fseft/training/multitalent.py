@@ -12,30 +12,28 @@ What changes against nnUNetTrainer, and nothing else:
 - initial_lr = 1e-3 (MultiTalent v2; same SGD + poly schedule as nnU-Net).
 """
 import copy
-import importlib
 import json
 import os
 from collections import Counter
-from unittest import mock
 
 import numpy as np
 import torch
 from torch import autocast
 
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.loss.dice import get_tp_fp_fn_tn
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
 from nnunetv2_fseft.errors import FSEFTError, fail
 from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
 from nnunetv2_fseft.training.optim_step import backward_and_step
-
-# the module whose global name `nnUNetDataLoader` nnUNetTrainer.get_dataloaders calls
-_BASE_TRAINER_MODULE = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
-
 
 # ---------------------------------------------------------------- dataset.json helpers (no torch, no trainer)
 
@@ -190,45 +188,76 @@ class MultiTalentTrainer(nnUNetTrainer):
         return self.loss(output, target, annotated)
 
     def get_dataloaders(self):
-        """nnU-Net's loaders, with the training and validation cases drawn ∝ 1/sqrt(n of their source dataset).
+        """nnUNetTrainer.get_dataloaders (2.8.1) with the cases drawn ∝ 1/sqrt(n of their source dataset).
 
-        nnU-Net 2.8.1 passes sampling_probabilities=None to nnUNetDataLoader without a hook; we hand its
-        get_dataloaders a loader factory that fills them in, rather than copying the whole method."""
-        def loader_with_balanced_sampling(data, *args, **kwargs):
-            kwargs["sampling_probabilities"] = balanced_sampling_probabilities(data.identifiers, self.source_of_case)
-            return nnUNetDataLoader(data, *args, **kwargs)
+        nnU-Net hard-codes sampling_probabilities=None and offers no hook for it, so the method is restated from
+        nnU-Net's own parts (transforms, datasets, loaders, augmenters); only the probabilities are new."""
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        regions = self.label_manager.foreground_regions if self.label_manager.has_regions else None
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation, deep_supervision_scales, mirror_axes, dummy_2d,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        val_transforms = self.get_validation_transforms(
+            deep_supervision_scales, is_cascaded=self.is_cascaded,
+            foreground_labels=self.label_manager.foreground_labels, regions=regions,
+            ignore_label=self.label_manager.ignore_label)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
 
-        with mock.patch.object(_BASE_TRAINER_MODULE, "nnUNetDataLoader", loader_with_balanced_sampling):
-            return super().get_dataloaders()
+        def loader(dataset, first_patch_size, transforms):
+            return nnUNetDataLoader(
+                dataset, self.batch_size, first_patch_size, patch_size, self.label_manager,
+                oversample_foreground_percent=self.oversample_foreground_percent,
+                sampling_probabilities=balanced_sampling_probabilities(dataset.identifiers, self.source_of_case),
+                pad_sides=None, transforms=transforms, probabilistic_oversampling=self.probabilistic_oversampling)
 
-    def train_step(self, batch: dict) -> dict:
-        # nnUNetTrainer.train_step (2.8.1) with the annotation mask passed to the loss
+        dl_tr = loader(dataset_tr, initial_patch_size, tr_transforms)
+        dl_val = loader(dataset_val, patch_size, val_transforms)
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            train, val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == 'cuda'
+            train = NonDetMultiThreadedAugmenter(data_loader=dl_tr, transform=None, num_processes=processes,
+                                                 num_cached=max(6, processes // 2), seeds=None, pin_memory=pin,
+                                                 wait_time=0.002)
+            val = NonDetMultiThreadedAugmenter(data_loader=dl_val, transform=None,
+                                               num_processes=max(1, processes // 2),
+                                               num_cached=max(3, processes // 4), seeds=None, pin_memory=pin,
+                                               wait_time=0.002)
+        next(train)  # as nnU-Net: start the workers now
+        next(val)
+        return train, val
+
+    def _forward_and_loss(self, batch: dict):
+        """nnUNetTrainer's train/validation step head (2.8.1): batch to the device, forward under autocast on
+        CUDA, loss, here with each case's annotation mask. Returns (output, target, annotated, loss)."""
         data = batch['data'].to(self.device, non_blocking=True)
         target = batch['target']
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
             else target.to(self.device, non_blocking=True)
         annotated = self._annotated(batch['keys'])
-
-        self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
             output = self.network(data)
-            l = self._compute_loss(output, target, annotated)
-        return backward_and_step(self, l)
+            del data
+            loss = self._compute_loss(output, target, annotated)
+        return output, target, annotated, loss
+
+    def train_step(self, batch: dict) -> dict:
+        self.optimizer.zero_grad(set_to_none=True)
+        _, _, _, loss = self._forward_and_loss(batch)
+        return backward_and_step(self, loss)
 
     def validation_step(self, batch: dict) -> dict:
         # nnUNetTrainer.validation_step (2.8.1, region branch) with tp/fp/fn kept per sample and zeroed for the
         # classes a sample does not annotate, before summing over the batch
-        data = batch['data'].to(self.device, non_blocking=True)
-        target = batch['target']
-        target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
-            else target.to(self.device, non_blocking=True)
-        annotated = self._annotated(batch['keys'])
-
-        with autocast(self.device.type, enabled=True) if self.device.type == 'cuda' else dummy_context():
-            output = self.network(data)
-            del data
-            l = self._compute_loss(output, target, annotated)
-
+        output, target, annotated, l = self._forward_and_loss(batch)
         if self.enable_deep_supervision:
             output, target = output[0], target[0]
         predicted = (torch.sigmoid(output) > 0.5).long()
@@ -269,13 +298,13 @@ class MultiTalentTrainer(nnUNetTrainer):
 
 
 class MultiTalentTrainer_tiny(MultiTalentTrainer):
-    """Minutes on a CPU, for tests and the demo: a few short epochs at nnU-Net's learning rate (1e-2), so that
-    phantom organs already appear; not a schedule to pre-train a real foundation model with."""
+    """Under a minute on a CPU, for tests: 200 iterations at nnU-Net's learning rate (1e-2), enough for a tiny network
+    to find every organ of small phantoms; not a schedule to pre-train a real foundation model with."""
     learning_rate = 1e-2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 4
-        self.num_iterations_per_epoch = 10
-        self.num_val_iterations_per_epoch = 2
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 20
+        self.num_val_iterations_per_epoch = 1
