@@ -1,8 +1,13 @@
 """CT-like phantoms written as nnU-Net raw datasets: for tests and the demo (no real data needed).
 
 Every case shows the whole anatomy (all organs), but its label map holds only the classes the dataset
-annotates: exactly the partial-label situation of public datasets. Organs that look alike in CT look
-alike here, so position and shape matter, not intensity alone.
+annotates: exactly the partial-label situation of public datasets.
+
+Intensities follow contrast-enhanced (portal-venous) CT, the phase of most public abdominal datasets: the spleen
+enhances more than the liver, the kidneys most, the pancreas a little less than the liver. Relative sizes are
+roughly those of an adult (liver : spleen : one kidney about 10 : 1.5 : 1). Each organ differs from its
+neighbours by at least 15 HU against 15 HU of voxel noise, so position and shape still matter, but no organ
+is invisible.
 """
 import json
 from pathlib import Path
@@ -12,11 +17,11 @@ import SimpleITK as sitk
 
 # organ -> (centre as a fraction of the volume (z, y, x), radii as a fraction, mean HU)
 ORGANS = {
-    "liver": ((0.45, 0.45, 0.30), (0.22, 0.22, 0.20), 60.0),
-    "spleen": ((0.45, 0.45, 0.76), (0.12, 0.12, 0.10), 50.0),
-    "kidney_left": ((0.62, 0.62, 0.72), (0.10, 0.07, 0.07), 150.0),
-    "kidney_right": ((0.62, 0.62, 0.28), (0.10, 0.07, 0.07), 150.0),
-    "pancreas": ((0.55, 0.48, 0.52), (0.06, 0.06, 0.14), 45.0),
+    "liver": ((0.45, 0.45, 0.30), (0.22, 0.22, 0.20), 100.0),
+    "spleen": ((0.45, 0.45, 0.76), (0.12, 0.12, 0.10), 125.0),
+    "kidney_left": ((0.62, 0.62, 0.72), (0.12, 0.09, 0.09), 180.0),
+    "kidney_right": ((0.62, 0.62, 0.28), (0.12, 0.09, 0.09), 180.0),
+    "pancreas": ((0.55, 0.48, 0.52), (0.06, 0.06, 0.14), 85.0),
 }
 BODY_HU, AIR_HU, NOISE_HU = 0.0, -1000.0, 15.0
 

@@ -105,6 +105,8 @@ def nnunet_env(wd: Workdir) -> dict:
             # OpenMP threads that sleep rather than spin while waiting: on a busy CPU, spinning threads made a
             # 2-thread training step 8x slower (measured); the user's own setting wins
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            # seeds the demo trainers (and the FSEFT trainers' new heads), so that two runs print close numbers
+            "nnUNet_fseft_seed": os.environ.get("nnUNet_fseft_seed", "0"),
             "PYTHONUNBUFFERED": "1"}
 
 

@@ -9,11 +9,15 @@ trainers they extend, both for the demo's run time only:
 - no mirroring (augmentation and test-time), as nnU-Net's nnUNetTrainerNoMirroring: phantom organs, like left and
   right kidneys, are told apart by where they are, which mirroring swaps;
 - FSEFT_DEMO_TORCH_THREADS, if set, replaces the thread count nnUNetv2_train -device cpu sets (all cores), so that
-  the demo can run several trainings side by side without oversubscribing the CPU.
+  the demo can run several trainings side by side without oversubscribing the CPU;
+- nnUNet_fseft_seed, if set, seeds Python's, NumPy's and torch's generators before the network is built, so that
+  the initialisation, the case sampling and the augmentation (in-process with nnUNet_n_proc_DA=0) repeat.
 These schedules make a phantom story run in minutes on a CPU; they are not schedules for real data.
 """
 import os
+import random
 
+import numpy as np
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -25,6 +29,14 @@ def _set_threads() -> None:
     threads = os.environ.get(THREADS_VARIABLE)
     if threads and threads.isdigit() and int(threads) > 0:
         torch.set_num_threads(int(threads))
+
+
+def _seed() -> None:
+    seed = os.environ.get("nnUNet_fseft_seed")
+    if seed and seed.isdigit():
+        random.seed(int(seed))
+        np.random.seed(int(seed))
+        torch.manual_seed(int(seed))
 
 
 def _skip_final_validation(self, save_probabilities: bool = False):
@@ -52,6 +64,7 @@ def _schedule_init(base, epochs, iterations, val_iterations, initial_lr=None):
         if initial_lr is not None:
             self.initial_lr = initial_lr
         _set_threads()
+        _seed()  # nnU-Net builds the network later, in initialize()
     return __init__
 
 
