@@ -2,8 +2,11 @@
 
   nnUNetv2_fseft_export MODEL_FOLDER OUT_FOLDER --merge     stock nnU-Net model folder (no plugin needed)
   nnUNetv2_fseft_export MODEL_FOLDER OUT_FOLDER             adapter files + pointer to the foundation
-  nnUNetv2_fseft_export --apply ADAPTER_FOLDER FOUNDATION_CHECKPOINT OUT_FOLDER [--merge]
+  nnUNetv2_fseft_export --apply ADAPTER_FOLDER FOUNDATION OUT_FOLDER [--merge]
                                                             rebuild a full model folder from adapter files
+
+FOUNDATION: the one the adapter was trained from: an nnU-Net model folder, its fold_X/checkpoint_final.pth, or an
+nnssl checkpoint (.pth); it is recognised by its network-weights sha256, recorded in adapter.json.
 """
 import argparse
 
@@ -15,7 +18,7 @@ from ..export import apply_adapter, export_model
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("paths", nargs="+", help="MODEL_FOLDER OUT_FOLDER, or with --apply: "
-                                            "ADAPTER_FOLDER FOUNDATION_CHECKPOINT OUT_FOLDER")
+                                            "ADAPTER_FOLDER FOUNDATION OUT_FOLDER")
     p.add_argument("--merge", action="store_true", help="fold LoRA / parallel adapters into the convolutions")
     p.add_argument("--apply", action="store_true", help="rebuild a model folder from adapter files")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
