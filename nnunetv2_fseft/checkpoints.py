@@ -207,10 +207,10 @@ def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_jso
 
 def zero_channels(adapted: dict, head_keys: list, channels) -> None:
     """Unmapped head channels (all when `channels` is None) start at zero weight and bias, so every voxel starts
-    at the same uncommitted output and the first steps depend on no random draw. nnU-Net's He initialisation of a
-    new head made the support loss of one seed start at 4 instead of 0.6 (K=1, novel class); full fine-tuning
-    at AdamW 1e-4 never recovered in 1,000 iterations. A zero head grows by about the learning rate per Adam step,
-    so every FSEFT trainer trains its head at head_learning_rate (docs/hippocampus.md, "The head learning rate")."""
+    at the same uncommitted output and the first steps depend on no random draw (a random new head can start a seed
+    far from the others and never recover at a few-shot budget). A zero head grows by about the learning rate per
+    Adam step, so every FSEFT trainer trains its head at head_learning_rate (docs/hippocampus.md, "New head channels
+    start at zero")."""
     for key in head_keys:
         adapted[key][slice(None) if channels is None else channels] = 0
 
