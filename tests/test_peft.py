@@ -6,13 +6,16 @@ import torch
 
 from nnunetv2_fseft.peft import METHODS, apply_peft, count_parameters, is_mergeable, merge_peft
 from nnunetv2_fseft.peft.lora import LoRAConv
+from nnunetv2_fseft.peft.methods import INJECTIONS
+from nnunetv2_fseft.peft.spatial_adapter import SpatialAdapterHead
 from nnunetv2_fseft.peft.tree import conv_layers, injected_modules
 
 from networks import tiny_unet
 
 NETS = [("plain", 3), ("resenc", 3), ("plain", 2), ("resenc", 2)]
-MERGEABLE = {"full", "ft_last", "decoder", "linear_probe", "bitfit", "affine_norm", "cnn_adapter", "lora",
-             "decoder_lora", "decoder_bitfit", "decoder_affine_norm"}
+WRAPPERS = {kind: entry[0] for kind, entry in INJECTIONS.items()} | {"spatial_adapter": SpatialAdapterHead}
+# the methods whose injected layers all say they are linear; the tests below hold each side to its claim
+MERGEABLE = {m for m, spec in METHODS.items() if all(WRAPPERS[kind].mergeable for kind, _ in spec.inject)}
 
 
 def _final(out):
@@ -67,6 +70,7 @@ def test_merge_gives_a_plain_network_with_the_same_outputs(kind, dims, method):
 
 
 def test_nonlinear_adapters_refuse_to_merge():
+    assert {"adaptformer", "spatial_adapter"} <= set(METHODS) - MERGEABLE
     for method in set(METHODS) - MERGEABLE:
         net = apply_peft(tiny_unet(), method)
         assert not is_mergeable(net)

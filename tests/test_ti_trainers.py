@@ -12,14 +12,9 @@ import SimpleITK as sitk
 import torch
 
 from nnunetv2_fseft.losses.size_prior import SizePriorLoss, estimate_class_sizes
-from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
 from nnunetv2_fseft.training.transductive import QuerySet, TransductiveMixin, tile_grid
 
 TRAINERS_DIR = Path(__file__).resolve().parents[1] / "trainers"
-TI_NAMES = ["FSEFTFullFTTITrainer", "FSEFTFTLastTITrainer", "FSEFTDecoderTITrainer", "FSEFTLinearProbeTITrainer",
-            "FSEFTSpatialAdapterTITrainer", "FSEFTBitFitTITrainer", "FSEFTAffineNormTITrainer",
-            "FSEFTCNNAdapterTITrainer", "FSEFTAdaptFormerTITrainer", "FSEFTLoRATITrainer", "FSEFTDecoderLoRATITrainer",
-            "FSEFTDecoderBitFitTITrainer", "FSEFTDecoderAdaptFormerTITrainer", "FSEFTDecoderAffineNormTITrainer"]
 DATASET_ID, NAME = 991, "Dataset991_TIPhantom"
 TEST_TRAINER = "FSEFTLoRATITrainer_citest"
 EXT_MODULE = f'''
@@ -150,19 +145,19 @@ def test_ti_steps_move_the_predicted_size_towards_the_band(factor, nonlin, out_c
     assert ((ratio > 1 / factor + 0.05) if factor > 1 else (ratio < 1 / factor - 0.05)).all(), ratio
 
 
-# ---------------------------------------------------------------- nnU-Net finds the 14 trainers
+# ---------------------------------------------------------------- nnU-Net finds a TI trainer per method
 
 def test_all_ti_trainers_resolve_through_nnunet(monkeypatch):
-    import nnunetv2_fseft_trainers.fseft_trainers as fseft
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2_fseft.peft import METHODS
+    from nnunetv2_fseft.trainer_names import plugin_trainers
     monkeypatch.setenv("nnUNet_extTrainer", str(TRAINERS_DIR))
-    # the FSEFT method trainers (not the stock-nnU-Net baselines, not the ...NoCache comparison variants)
-    fseft_names = sorted(n for n, c in vars(fseft).items() if n.startswith("FSEFT") and n.endswith("Trainer")
-                         and n != "FSEFTTrainer" and issubclass(c, FSEFTTrainer) and "NoCache" not in n)
-    assert sorted(n[:-len("TITrainer")] + "Trainer" for n in TI_NAMES) == fseft_names  # one TI twin each
-    for name in TI_NAMES:
+    trainers = plugin_trainers()
+    ti_names = [n for n, c in trainers.items() if issubclass(c, TransductiveMixin)]
+    assert sorted(trainers[n].peft_method for n in ti_names) == sorted(METHODS)  # one TI twin per method
+    for name in ti_names:
         cls = recursive_find_trainer_class_by_name(name)
-        parent = getattr(fseft, name[:-len("TITrainer")] + "Trainer")
+        parent = trainers[name[:-len("TITrainer")] + "Trainer"]
         assert cls.__name__ == name and issubclass(cls, TransductiveMixin) and issubclass(cls, parent)
         assert (cls.peft_method, cls.learning_rate) == (parent.peft_method, parent.learning_rate)
         assert cls.mro().index(TransductiveMixin) < cls.mro().index(parent)

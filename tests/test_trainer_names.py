@@ -12,6 +12,9 @@ import pytest
 from nnunetv2_fseft.benchmark.runner import check_methods
 from nnunetv2_fseft.cli import ext_path
 from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.peft import METHODS
+from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
+from nnunetv2_fseft.training.transductive import TransductiveMixin
 from nnunetv2_fseft.trainer_names import plugin_trainers, stop_on_case_only_miss, suggestions, trainers_folder
 
 BIN = Path(sys.executable).parent
@@ -20,16 +23,22 @@ ERROR = "nnunetv2_fseft: error: "
 
 def test_list_prints_every_trainer_with_method_learning_rate_and_optimizer(capsys):
     ext_path.main(["--list"])
-    lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split()[1:] for line in lines}
-    assert list(rows) == list(plugin_trainers()) and len(rows) >= 30
-    assert rows["FSEFTLoRATrainer"] == ["lora,", "head", "lr", "1e-02", "lr", "1e-03", "AdamW"]
-    assert rows["FSEFTLinearProbeNoCacheTrainer"] == ["linear_probe,", "no", "feature", "cache", "lr", "1e-02", "AdamW"]
-    assert rows["FSEFTSpatialAdapterTITrainer"][:4] == ["spatial_adapter", "+", "size", "prior"]
-    assert rows["FSEFTScratchTrainer"] == ["stock", "nnU-Net", "lr", "1e-02", "SGD"]
-    assert rows["FSEFTnnUNetFTTrainer"][:4] == ["stock", "nnU-Net,", "fine-tuned", "(-pretrained_weights)"]
-    assert rows["MultiTalentTrainer"][-3:] == ["lr", "1e-03", "SGD"]
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}
+    trainers = plugin_trainers()
+    assert list(rows) == list(trainers)
     assert "FSEFTTrainer" not in rows and "nnUNetTrainer" not in rows  # bases, not choices
+    assert {c.peft_method for c in trainers.values() if issubclass(c, FSEFTTrainer)} == set(METHODS)
+    for name, cls in trainers.items():  # each row: what it trains, its learning rate, its optimizer
+        words, text = rows[name], " ".join(rows[name])
+        fseft = issubclass(cls, FSEFTTrainer)
+        assert words[-3:] == ["lr", f"{getattr(cls, 'learning_rate', 1e-2):.0e}", "AdamW" if fseft else "SGD"], name
+        if fseft:
+            assert words[0].rstrip(",") == cls.peft_method
+            head_rate = cls.head_learning_rate not in (None, cls.learning_rate)
+            assert (f"head lr {cls.head_learning_rate:.0e}" in text) == head_rate, name
+            assert ("size prior" in text) == issubclass(cls, TransductiveMixin), name
+            assert ("no feature cache" in text) == (not cls.use_feature_cache), name
+    assert "pretrained_weights" in " ".join(rows["FSEFTnnUNetFTTrainer"])  # the baseline that differs by its flag
     ext_path.main([])
     assert capsys.readouterr().out.strip() == trainers_folder()
 
