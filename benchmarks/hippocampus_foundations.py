@@ -10,7 +10,7 @@ hippocampus_split.json, which no training sees. Three starts, on the same suppor
   scratch  stock nnU-Net from random initialisation on the same schedule (FSEFTScratchTrainer)
 Methods: FSEFTDecoderLoRATrainer and FSEFTFullFTTrainer from 'model' and 'encoder'.
 
-  python benchmarks/hippocampus_foundations.py WORKDIR [--results DIR]
+  python benchmarks/hippocampus_foundations.py WORKDIR [--results DIR] [--report]
 
 Resumable: a cell whose validation/summary.json exists is not trained again; a cell that fails is tried again
 after RETRY_AFTER_S while other cells remain, and on the next run. The 'encoder' cells need
@@ -168,10 +168,12 @@ def publish(results: Path, rows: list, missing: list, targets: dict, command: st
 
     def wall(start, trainer, k):
         r = cell.get((start, trainer, k))
-        return "n/a" if r is None or r["wall_s"] is None else f"{r['wall_s']:.0f} s"
+        if r is None or r["wall_s"] is None:
+            return "n/a"
+        return f"{r['wall_s']:.0f} s" + ("" if r["load15"] is None else f" (load {r['load15']:.0f})")
 
     lines = ["| method | K | (a) model folder | (b) encoder only (nnssl) | (c) scratch | (b)/(a) | (a)/(c) | (b)/(c) "
-             "| wall time (a) / (b) / (c) |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| wall time (a) / (b) / (c), 15-min load average at the end |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for trainer in METHODS:
         for k in KS:
             a, b, c = dice("model", trainer, k), dice("encoder", trainer, k), dice("scratch", SCRATCH, k)
@@ -206,18 +208,46 @@ def publish(results: Path, rows: list, missing: list, targets: dict, command: st
             *lines, ""]
     if missing:
         body += ["Missing cells: " + "; ".join(missing), ""]
+    done = {(r["start"], r["trainer"], r["k"]) for r in rows if r["dice"] is not None}
+    named = " ".join(missing)
+    not_run = [c for c in CELLS if c not in done and f"{c[1]} K={c[2]}:" not in named]
+    if not_run:
+        body += ["Not measured (not run): " + "; ".join(f"({'abc'[['model', 'encoder', 'scratch'].index(c[0])]}) "
+                                                        f"{c[1]} K={c[2]}" for c in not_run), ""]
     (results / f"{STEM}.md").write_text("\n".join(body))
+
+
+def report(work: Path, results: Path, command: str) -> None:
+    """The tables from the cells finished in WORKDIR (their summary.json and wall_time_s.txt)."""
+    targets = {start: json.loads((work / f"target_{start}.json").read_text())
+               for start in ("model", "encoder") if (work / f"target_{start}.json").is_file()}
+    rows = []
+    for start, trainer, k in CELLS:
+        target = targets.get("model" if start == "scratch" else start)
+        fold = None if target is None else fold_dir(work, start, trainer, target, k)
+        if fold is None or not (fold / "validation" / "summary.json").is_file():
+            continue
+        dice = json.loads((fold / "validation" / "summary.json").read_text())["mean"]["1"]["Dice"]
+        timing = fold / "wall_time_s.txt"
+        wall, load = (float(x) for x in timing.read_text().split()) if timing.is_file() else (None, None)
+        rows.append({"start": start, "trainer": trainer, "k": k, "dice": dice, "wall_s": wall, "load15": load})
+    publish(results, rows, [], targets, command)
+    print((results / f"{STEM}.md").read_text())
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir")
     p.add_argument("--results", default=str(HERE / "results"), help="where the tables go (default benchmarks/results)")
+    p.add_argument("--report", action="store_true", help="only rewrite the tables from finished cells; train nothing")
     a = p.parse_args(argv)
     work = Path(a.workdir).resolve()
     setup_env(work)
-    command = "python benchmarks/hippocampus_foundations.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    args = [x for x in (argv if argv is not None else sys.argv[1:]) if x != "--report"]
+    command = "python benchmarks/hippocampus_foundations.py " + " ".join(args)
     log = work / "log.txt"
+    if a.report:
+        return report(work, Path(a.results), command)
     foundation = posterior_foundation(work)
     weights = foundation / "fold_0" / "checkpoint_final.pth"
     targets = {"model": prepare(work, "model", foundation, foundation, log)}
