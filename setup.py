@@ -33,7 +33,8 @@ setup(
         "SimpleITK",
         "safetensors",  # adapter files that load without pickle (already pulled in by timm)
     ],
-    # torchio synthesises the abdominal benchmark's CT images (nnunetv2_fseft.synth); nothing else imports it
+    # torchio synthesises the abdominal benchmark's CT images (benchmarks/abdomen_synth, not installed); the plugin
+    # never imports it
     extras_require={"test": ["pytest"], "abdomen": ["torchio"]},
     entry_points={"console_scripts": [f"{k}=nnunetv2_fseft.cli.{v}:main" for k, v in SCRIPTS.items()]},
 )

@@ -1,6 +1,6 @@
 """Shared by the abdominal benchmark scripts (issue 8): the split, the datasets they write, nnU-Net's folders.
 
-Real anatomy (Learn2Reg 2020 task 3 / BTCV label maps), synthetic intensities (nnunetv2_fseft.synth with
+Real anatomy (Learn2Reg 2020 task 3 / BTCV label maps), synthetic intensities (benchmarks/abdomen_synth with
 abdomen_priors.json). WORKDIR holds synth/<domain>/<subject>/ (the synthetic cases), raw/, pre/, res/ (nnU-Net's
 folders) and abdomen_data.json (what abdomen_data.py wrote, and with which settings).
 """

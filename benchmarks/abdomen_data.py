@@ -53,7 +53,7 @@ def check_inputs(labels: Path, organs: dict) -> None:
 
 
 def settings_record(args, priors) -> dict:
-    from nnunetv2_fseft.synth.ct import VERSION
+    from abdomen_synth.ct import VERSION
     return {"tag": TAG, "spacing_mm": args.spacing, "seed": args.seed, "generator_version": VERSION,
             "priors_sha256": priors.sha256, "split_sha256": hashlib.sha256(SPLIT_FILE.read_bytes()).hexdigest(),
             "label_maps": str(Path(args.labels).resolve()),
@@ -75,7 +75,7 @@ def refuse_existing(work: Path, overwrite: bool) -> None:
 def synthesise_cases(work: Path, labels: Path, organs: dict, priors, args) -> None:
     from tqdm import tqdm
     from nnunetv2_fseft.errors import FSEFTError
-    from nnunetv2_fseft.synth.ct import case_record, existing_record, write_case
+    from abdomen_synth.ct import case_record, existing_record, write_case
     todo = [(d, s) for d, subjects in cases_by_domain().items() for s in subjects]
     for domain, subject in tqdm(todo, desc="synthesising subjects", unit="case"):
         folder = work / "synth" / domain / subject
@@ -97,7 +97,7 @@ def describe(folder: Path, text: str) -> None:
 def build_datasets(work: Path, priors, args) -> None:
     from nnunetv2_fseft.data.assemble import assemble_datasets
     from nnunetv2_fseft.data.convert import convert_structures
-    source = f"{TAG}: label maps of Learn2Reg 2020 task 3 (BTCV), images by nnunetv2_fseft.synth"
+    source = f"{TAG}: label maps of Learn2Reg 2020 task 3 (BTCV), images by benchmarks/abdomen_synth"
     for spec in CONVERTED:
         folder = convert_structures([work / "synth" / spec.domain / s for s in spec.subjects], spec.id, spec.name,
                                     structures=list(spec.organs), overwrite=args.overwrite)
@@ -120,9 +120,9 @@ def main(argv=None):
     labels = Path(args.labels).resolve()
     setup_env(work)  # before anything imports nnunetv2
     from nnunetv2_fseft.errors import FSEFTError
-    from nnunetv2_fseft.synth import require_torchio
-    from nnunetv2_fseft.synth.ct import read_organ_names
-    from nnunetv2_fseft.synth.priors import load_priors
+    from abdomen_synth import require_torchio
+    from abdomen_synth.ct import read_organ_names
+    from abdomen_synth.priors import load_priors
     try:
         priors = load_priors(args.priors)
         for domain in cases_by_domain():

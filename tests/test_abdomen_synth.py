@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from conftest import SHARED_DATA
+from md_tables import row, tables
 
 REPO = Path(__file__).resolve().parents[1]
 PRIORS_FILE = REPO / "benchmarks" / "abdomen_priors.json"
@@ -25,6 +26,14 @@ ORGANS = {1: "spleen", 2: "kidney_right", 3: "kidney_left", 4: "gallbladder", 5:
 needs_real_data = pytest.mark.skipif(not REAL_LABELS.is_dir(), reason="../shared/data/abdomen_labels_l2r is absent")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def benchmarks_importable():
+    """benchmarks/abdomen_synth and the benchmark's scripts import as they do when run from benchmarks/."""
+    with pytest.MonkeyPatch.context() as m:
+        m.syspath_prepend(str(REPO / "benchmarks"))
+        yield
+
+
 @pytest.fixture(scope="module")
 def tio():
     return pytest.importorskip("torchio")
@@ -32,7 +41,7 @@ def tio():
 
 @pytest.fixture(scope="module")
 def priors():
-    from nnunetv2_fseft.synth.priors import load_priors
+    from abdomen_synth.priors import load_priors
     return load_priors(PRIORS_FILE)
 
 
@@ -113,7 +122,7 @@ def test_organs_that_look_alike_in_ct_overlap_and_vessels_are_bright(priors):
 
 def test_bad_priors_file_gives_one_line(tmp_path):
     from nnunetv2_fseft.errors import FSEFTError
-    from nnunetv2_fseft.synth.priors import load_priors
+    from abdomen_synth.priors import load_priors
     data = json.loads(PRIORS_FILE.read_text())
     del data["tissues"]["liver"]["B"]
     path = tmp_path / "p.json"
@@ -160,14 +169,14 @@ def phantom(tmp_path_factory):
 
 def test_missing_torchio_is_one_line_naming_the_extra(monkeypatch):
     from nnunetv2_fseft.errors import FSEFTError
-    from nnunetv2_fseft.synth import require_torchio
+    from abdomen_synth import require_torchio
     monkeypatch.setitem(sys.modules, "torchio", None)
     with pytest.raises(FSEFTError, match=r'pip install -e "\.\[abdomen\]"'):
         require_torchio()
 
 
 def test_generator_is_deterministic_for_subject_domain_and_seed(tio, priors, phantom):
-    from nnunetv2_fseft.synth.ct import synthesize
+    from abdomen_synth.ct import synthesize
     import torch
     torch.manual_seed(123)
     before = torch.rand(1)
@@ -184,7 +193,7 @@ def test_generator_is_deterministic_for_subject_domain_and_seed(tio, priors, pha
 
 
 def test_image_and_label_share_the_grid_and_keep_every_organ(tio, priors, phantom):
-    from nnunetv2_fseft.synth.ct import synthesize
+    from abdomen_synth.ct import synthesize
     source = sitk.GetArrayFromImage(sitk.ReadImage(str(phantom)))
     for domain, spacing in (("A", (4.0, 4.0, 4.0)), ("B", (4.0, 4.0, 5.0))):
         case = synthesize(phantom, ORGANS, priors, "p001", domain, 0, 4.0)
@@ -197,7 +206,7 @@ def test_image_and_label_share_the_grid_and_keep_every_organ(tio, priors, phanto
 
 
 def test_every_tissue_follows_its_prior_before_blur_and_noise(tio, priors, phantom):
-    from nnunetv2_fseft.synth.ct import synthesize
+    from abdomen_synth.ct import synthesize
     for domain in "AB":
         case = synthesize(phantom, ORGANS, priors, "p001", domain, 0, 4.0, keep_intermediate=True)
         tissues, names = case.tissue_map.tissues, case.tissue_map.names
@@ -218,7 +227,7 @@ def test_every_tissue_follows_its_prior_before_blur_and_noise(tio, priors, phant
 def test_organ_interiors_keep_their_prior_after_the_whole_scanner_model(tio, priors, phantom):
     """Blur, shading and noise leave the mean of an organ's interior (eroded, away from partial volume) near its
     prior: the scanner model changes texture and edges, not the organ's HU."""
-    from nnunetv2_fseft.synth.ct import synthesize
+    from abdomen_synth.ct import synthesize
     case = synthesize(phantom, ORGANS, priors, "p001", "A", 0, 4.0)
     image, label = sitk.GetArrayFromImage(case.image), sitk.GetArrayFromImage(case.label)
     interior = ndimage.binary_erosion(label == 6, iterations=2)
@@ -228,7 +237,7 @@ def test_organ_interiors_keep_their_prior_after_the_whole_scanner_model(tio, pri
 
 
 def test_body_has_air_outside_and_fat_muscle_inside(tio, priors, phantom):
-    from nnunetv2_fseft.synth.ct import synthesize
+    from abdomen_synth.ct import synthesize
     case = synthesize(phantom, ORGANS, priors, "p001", "A", 0, 4.0, keep_intermediate=True)
     kinds = case.tissue_map.kinds
     tissues = case.tissue_map.tissues
@@ -243,7 +252,7 @@ def test_write_case_never_modifies_the_label_map_and_converts_with_the_plugin(ti
                                                                                nnunet_env):
     from nnunetv2_fseft.data.convert import convert_structures
     from nnunetv2_fseft.data.nnunet_raw import check_raw_dataset
-    from nnunetv2_fseft.synth.ct import write_case
+    from abdomen_synth.ct import write_case
     digest, mtime = sha256(phantom), phantom.stat().st_mtime_ns
     folder = write_case(tmp_path / "A" / "p001", phantom, ORGANS, priors, "p001", "A", 0, 8.0)
     written = (folder / "ct.nii.gz").stat().st_mtime_ns
@@ -259,7 +268,7 @@ def test_write_case_never_modifies_the_label_map_and_converts_with_the_plugin(ti
 
 @needs_real_data
 def test_real_label_maps_are_only_read(tio, priors, tmp_path):
-    from nnunetv2_fseft.synth.ct import write_case
+    from abdomen_synth.ct import write_case
     source = REAL_LABELS / f"{SPLIT['target']['query'][0]}.nii.gz"
     digest, mtime = sha256(source), source.stat().st_mtime_ns
     folder = write_case(tmp_path / "case", source, ORGANS, priors, source.name[:4], "B", 0, 8.0)
@@ -303,7 +312,7 @@ def tiny_abdomen(tmp_path, priors, dataset_id: int, nnunet_env) -> list:
     domains A and B; domain A converted and planned as a tiny foundation dataset. Returns domain B's cases."""
     from nnunetv2_fseft.data.convert import convert_structures
     from nnunetv2_fseft.planning import plan_with_preset
-    from nnunetv2_fseft.synth.ct import write_case
+    from abdomen_synth.ct import write_case
     if REAL_LABELS.is_dir():
         sources = [coarse_copy(REAL_LABELS / f"{s}.nii.gz", tmp_path / "labels") for s in SPLIT["target"]["query"][:2]]
     else:
@@ -353,7 +362,6 @@ def test_seeded_pretraining_rebuilds_the_same_foundation(tio, priors, nnunet_env
     from nnunetv2.run.run_training import run_training
     from nnunetv2_fseft.checkpoints import weights_sha256
     from phantom_world import model_folder
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import abdomen
     tiny_abdomen(tmp_path, priors, 963, nnunet_env)
     checkpoint = model_folder(nnunet_env, "Dataset963_AbdTinyFound", "nnUNetTrainer_abdseeded") / "fold_0" / \
@@ -374,8 +382,7 @@ def test_seeded_pretraining_rebuilds_the_same_foundation(tio, priors, nnunet_env
 
 # ------------------------------------------------------------------------------------------ the driver's tables
 
-def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path):
     import abdomen
     organs = list(SPLIT["known_organs"])
     exp1 = [{"model": m, "trainer": "T", "dataset": "D", "dice_per_class": {o: 0.5 for o in organs}, "dice": 0.5,
@@ -383,8 +390,9 @@ def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path, monke
     exp1[0]["dice_per_class_sigmoid"] = {o: 0.75 for o in organs}
     abdomen.write_experiment1(tmp_path, exp1, "python benchmarks/abdomen.py W --experiment 1")
     exp1_table = (tmp_path / "abdomen_exp1_cpu.md").read_text()
-    assert "| multitalent | T | label map | 0.500 |" in exp1_table
-    assert "| multitalent | T | each sigmoid > 0.5 | 0.750 |" in exp1_table
+    rows = tables(exp1_table)[0]
+    assert row(rows, model="multitalent", scoring="label map")["mean"] == "0.500"
+    assert row(rows, model="multitalent", scoring="each sigmoid > 0.5")["mean"] == "0.750"
     cells = [{"method": m, "k": k, "seed": s, "fold": 0, "dice": 0.4, "dice_per_class": {"pancreas": 0.4}}
              for m in ("scratch", "FSEFTLoRATrainer_abd") for k in (1, 5) for s in (0, 1)]
     abdomen.publish(tmp_path, 3, cells, abdomen.NOVEL_B, "python benchmarks/abdomen.py W --experiment 3",
@@ -400,11 +408,10 @@ def test_tables_and_plots_say_real_anatomy_synthetic_intensities(tmp_path, monke
     assert "Foundation: F, network-weights sha256 0123." in exp3_table  # cells of two foundations never mix
 
 
-def test_sigmoid_scoring_keeps_a_class_the_label_map_overwrites(tmp_path, monkeypatch):
+def test_sigmoid_scoring_keeps_a_class_the_label_map_overwrites(tmp_path):
     """Two sigmoids firing on one kidney: the label map keeps the later class, per-class scoring keeps both."""
     import numpy as np
     import SimpleITK as sitk
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import abdomen
     truth = np.zeros((4, 4, 8), np.uint8)
     truth[:, :, :4], truth[:, :, 4:] = 4, 5  # right kidney, left kidney
@@ -423,7 +430,6 @@ def test_sigmoid_scoring_keeps_a_class_the_label_map_overwrites(tmp_path, monkey
 def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigmoid_scores(tmp_path, monkeypatch):
     """A re-run must not train again: complete records are kept as they are; a record written before per-sigmoid
     scoring existed is scored again and keeps its training time."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import abdomen
     organs = list(SPLIT["known_organs"])
     (tmp_path / "exp1").mkdir()
@@ -451,5 +457,5 @@ def test_experiment1_keeps_finished_records_and_rescores_only_those_without_sigm
     record = json.loads((tmp_path / "exp1" / "multitalent.json").read_text())
     assert record["train_seconds"] == 90.0 and record["dice_per_class_sigmoid"] == {o: 0.3 for o in organs}
     table = (tmp_path / "results" / "abdomen_exp1_cpu.md").read_text()
-    assert "| naive | T | label map | 0.500 |" in table
+    assert row(tables(table)[0], model="naive", scoring="label map")["mean"] == "0.500"
     assert "- upper: 2026-11-23, restored" in table  # a row from an earlier run says so

@@ -1,5 +1,6 @@
 """CT-like images synthesised from real label maps (the abdominal benchmark's data: real anatomy, synthetic
-intensities). Needs torchio, an optional extra: pip install -e ".[abdomen]".
+intensities); part of the benchmark, not of the installed plugin. Needs torchio, an optional extra:
+pip install -e ".[abdomen]".
 
     priors.py   the HU priors per tissue and scanner domain (JSON), checked; no torch
     anatomy.py  label map -> tissue map: body, fat, muscle wall, spine, stomach lumen, bowel-like distractors; no torch

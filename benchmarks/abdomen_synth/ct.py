@@ -25,11 +25,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_fseft.errors import FSEFTError
-from nnunetv2_fseft.synth import require_torchio
-from nnunetv2_fseft.synth.anatomy import TissueMap, build_tissue_map
-from nnunetv2_fseft.synth.priors import Priors
+from . import require_torchio
+from .anatomy import TissueMap, build_tissue_map
+from .priors import Priors
 
 VERSION = 1  # bump when the generator changes what it writes, so cached cases are rebuilt
+GENERATOR = "nnunetv2_fseft.synth"  # the name cached cases were recorded under; kept so that they stay valid
 HU_RANGE = (-1024, 3071)
 FWHM_TO_STD = 1 / (2 * np.sqrt(2 * np.log(2)))
 
@@ -127,7 +128,7 @@ def _synthesize(tio, torch, label_file, organs, priors, subject, domain, seed, s
 def case_record(subject: str, domain: str, seed: int, spacing_mm: float, priors: Priors, label_file) -> dict:
     """What a case is made from; a cached case is reused only when all of it matches (the label map by content, so
     a moved copy still matches and an edited one does not)."""
-    return {"generator": "nnunetv2_fseft.synth", "version": VERSION, "subject": subject, "domain": domain,
+    return {"generator": GENERATOR, "version": VERSION, "subject": subject, "domain": domain,
             "seed": seed, "spacing_mm": spacing_mm, "priors_sha256": priors.sha256,
             "label_map": Path(label_file).name,
             "label_map_sha256": hashlib.sha256(Path(label_file).read_bytes()).hexdigest(),
