@@ -75,6 +75,7 @@ class Setup:
         from nnunetv2_fseft.peft import get_method
         from nnunetv2_fseft.training.activation_checkpointing import enable_activation_checkpointing
         from nnunetv2_fseft.training.feature_cache import final_head, trunk_features
+        from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
         cached = mode == "cached"
         self.method, self.cached, self.device = method, cached, torch.device(args.device)
         self.deep_supervision = get_method(method).deep_supervision
@@ -84,7 +85,8 @@ class Setup:
         if mode == "checkpointed":
             enable_activation_checkpointing(self.network)
         self.params = [p for p in self.network.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, weight_decay=1e-4)
+        self.optimizer = torch.optim.AdamW(self.params, lr=FSEFTTrainer.learning_rate,
+                                           weight_decay=FSEFTTrainer.weight_decay_fseft)
         self.scaler = torch.amp.GradScaler("cuda") if self.device.type == "cuda" else None
         self.loss = build_loss(args, self.deep_supervision)
         g = torch.Generator().manual_seed(1)
