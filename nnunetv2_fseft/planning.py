@@ -177,6 +177,10 @@ def prepare_target(target, source, num_processes: int = 2, overwrite: bool = Fal
                                           plans_name, spacing, patch_size, cpu, log)
     chosen = configurations or [_default_configuration(foundation, plans)]
     _preprocess(name, plans, chosen, num_processes, log)
+    untrained = [c for c in chosen if foundation.configuration and c != foundation.configuration]
+    if untrained:
+        log(f"note: the foundation's weights are a {foundation.configuration} network; adapt "
+            f"{', '.join(untrained)} from a model folder trained as that configuration (same plans)")
     trainer = "FSEFTDecoderLoRATrainer" if foundation.parts == "encoder" else "FSEFTLoRATrainer"
     log(f"next: nnUNetv2_train {int(name[7:10])} {chosen[0]} FOLD -p {plans['plans_name']} -tr {trainer} "
         f"-pretrained_weights {weights}")
@@ -405,7 +409,7 @@ def _preprocess(name: str, plans: dict, configurations, num_processes: int, log)
     preprocess([int(name[7:10])], plans_identifier=plans["plans_name"], configurations=todo,
                num_processes=[num_processes] * len(todo))
     log(f"preprocessed {name} for {', '.join(configurations)} with plans {plans['plans_name']}")
-    others = [c for c, v in plans["configurations"].items() if c not in configurations]
+    others = [c for c in plans["configurations"] if manager.get_configuration(c).data_identifier not in seen]
     if others:
         log(f"other configurations in these plans: {', '.join(others)}; preprocess one with "
             f"nnUNetv2_preprocess -d {int(name[7:10])} -plans_name {plans['plans_name']} -c {others[0]}")
