@@ -118,7 +118,8 @@ class FSEFTTrainer(nnUNetTrainer):
         load_pretrained_weights.original = original
         run_training.load_pretrained_weights = load_pretrained_weights
         # --c never sees -pretrained_weights: a stem that trained because of its channel mapping trains on
-        if self.plans_manager.plans.get("continue_training") and self._foundation_file().is_file():
+        # (nnU-Net pops plans["continue_training"] in __init__; its logger keeps it as `resume`)
+        if getattr(self.logger, "resume", False) and self._foundation_file().is_file():
             if json.loads(self._foundation_file().read_text()).get("stem_trains"):
                 train_input_projection(self.plain_network())
                 self.optimizer, self.lr_scheduler = self.configure_optimizers()
