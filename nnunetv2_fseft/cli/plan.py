@@ -15,4 +15,4 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace existing plans of the same name")
     a = p.parse_args(argv)
     plans_name = plan_with_preset(a.dataset, a.preset, a.configurations, a.num_processes, a.overwrite)
-    print(f"plans written and data preprocessed: {plans_name}")
+    print(f"plans written: {plans_name}; preprocessed: {', '.join(a.configurations)} (-c for others, e.g. -c 2d)")
