@@ -212,7 +212,7 @@ def publish(results: Path, rows: list, missing: list, targets: dict, command: st
     named = " ".join(missing)
     not_run = [c for c in CELLS if c not in done and f"{c[1]} K={c[2]}:" not in named]
     if not_run:
-        body += ["Not measured (not run): " + "; ".join(f"({'abc'[['model', 'encoder', 'scratch'].index(c[0])]}) "
+        body += ["Not measured (the run was stopped before these): " + "; ".join(f"({'abc'[['model', 'encoder', 'scratch'].index(c[0])]}) "
                                                         f"{c[1]} K={c[2]}" for c in not_run), ""]
     (results / f"{STEM}.md").write_text("\n".join(body))
 
