@@ -19,6 +19,13 @@ def tables(markdown: str) -> list:
     return found
 
 
+def table_with(markdown: str, column: str) -> list:
+    """The first table in `markdown` that has `column` (and a row)."""
+    found = [t for t in tables(markdown) if t and column in t[0]]
+    assert found, f"no table with a column '{column}' in {markdown}"
+    return found[0]
+
+
 def row(table: list, **match) -> dict:
     """The one row whose cells equal `match` (column header -> text); column names with spaces: row(t, **{...})."""
     hits = [r for r in table if all(r.get(k) == v for k, v in match.items())]
