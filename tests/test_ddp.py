@@ -229,12 +229,8 @@ def ddp_run(dataset, nnunet_env, tmp_path_factory) -> dict:
     return json.loads((tmp / "report.json").read_text())
 
 
-TI_SYNC = ("TransductiveMixin.train_step backpropagates the query tiles last, outside no_sync(): their loss reads "
-           "only the full-resolution output, so the lower deep-supervision heads get no gradient in the synced "
-           "backward and DDP's buckets are not all reduced")
-FAMILIES = [f if f != "lora_ti" else pytest.param(f, marks=pytest.mark.xfail(strict=True, reason=TI_SYNC))
-            for f in ("full", "decoder", "lora", "cnn_adapter", "adaptformer", "linear_probe_cached",
-                      "spatial_adapter_cached", "linear_probe_uncached", "lora_ti", "multitalent")]
+FAMILIES = ["full", "decoder", "lora", "cnn_adapter", "adaptformer", "linear_probe_cached", "spatial_adapter_cached",
+            "linear_probe_uncached", "lora_ti", "multitalent"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -310,8 +310,9 @@ class TransductiveMixin:
             self.ti_epoch_pass()
         # nnUNetTrainer.train_step (2.8.1) plus lambda * L_TI on query tiles. Supports and query tiles go through the
         # network separately (peak memory of the supervised step; no query in batch-norm statistics) and their
-        # gradients add up before the one optimizer step (nnU-Net's tail, optim_step); under DDP they are
-        # synchronised once, with the second backward.
+        # gradients add up before the one optimizer step (nnU-Net's tail, optim_step). The query pass goes first,
+        # unsynchronised: under DDP the support pass, whose deep-supervision loss reaches every trained parameter,
+        # then all-reduces the summed gradients once (the other order leaves heads the query loss misses unsynced).
         data = batch["data"].to(self.device, non_blocking=True)
         target = batch["target"]
         target = [i.to(self.device, non_blocking=True) for i in target] if isinstance(target, list) \
@@ -323,12 +324,13 @@ class TransductiveMixin:
         self.optimizer.zero_grad(set_to_none=True)
         with self.network.no_sync() if self.is_ddp else dummy_context():
             with amp():
-                l_seg = self.loss(self.network(data), target)
-            (self.grad_scaler.scale(l_seg) if self.grad_scaler is not None else l_seg).backward()
-        del data
+                l_ti, s_fresh = self.ti_loss(head_output(self.network(query)), picks)
+                weighted = self.ti_lambda * l_ti
+            (self.grad_scaler.scale(weighted) if self.grad_scaler is not None else weighted).backward()
+        del query
         with amp():
-            l_ti, s_fresh = self.ti_loss(head_output(self.network(query)), picks)
-        backward_and_step(self, self.ti_lambda * l_ti)
+            l_seg = self.loss(self.network(data), target)
+        backward_and_step(self, l_seg)
         for (q, t), row in zip(picks, s_fresh.double().cpu().numpy()):
             self._ti_cache[q][t] = row  # the tile's size before this step's update: fresher than the epoch pass
         loss = l_seg.detach() + self.ti_lambda * l_ti.detach()
