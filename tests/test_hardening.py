@@ -291,14 +291,14 @@ def _model_folder(env, channels=None, bad_plans=False) -> Path:
 @pytest.mark.parametrize("case, message", [
     ("no model folder", r"nomodel is not an nnU-Net model folder \(no plans\.json\); pass the folder that holds"),
     ("plans.json invalid", r"plans\.json is not valid JSON \(.*\); fix: copy the model folder again"),
-    ("channel count", r"Dataset011_Good has 1 input channel\(s\) but the foundation expects 2 .*; the target must"),
+    ("channel count", r"the target has 1 input channel\(s\) \(CT\) and the foundation 2 \(T1, T2\), and no rule maps them"),
     ("plans exist", r"Dataset011_Good/nnUNetPlans\.json already exists; pass --overwrite to replace it"),
 ], ids=["no model folder", "plans.json invalid", "channel count", "plans exist"])
 def test_prepare_target_refusals(env, capsys, case, message):
     dataset(env, 11)
     model = env / "nomodel"
     if case != "no model folder":
-        model = _model_folder(env, {"0": "CT", "1": "PET"} if case == "channel count" else None,
+        model = _model_folder(env, {"0": "T1", "1": "T2"} if case == "channel count" else None,
                               bad_plans=case == "plans.json invalid")
     if case == "plans exist":
         (env / "pre" / "Dataset011_Good").mkdir()
