@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import FSEFTError
+from .foundations.nnunet import read_model_json
 from .foundation_plans import (BATCH_SIZE, CPU_PATCH_EDGE, MemoryEstimate, channel_rule, channel_sources, check_patch,
                                fit_patch, foundation_configuration, remap_channels, total_stride)
 
@@ -85,16 +86,6 @@ def _nnunet_step(what: str, name: str):
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise FSEFTError(f"nnU-Net's {what} of {name} failed: {first[:300]}; fix the dataset as it says "
                          "(nnUNetv2_plan_and_preprocess -d ID --verify_dataset_integrity shows the details)") from None
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FSEFTError(f"{path} is not valid JSON ({e}); fix: copy the model folder again from its source") from None
-    if not isinstance(data, dict):
-        raise FSEFTError(f"{path} is not a JSON object; fix: copy the model folder again from its source")
-    return data
 
 
 def _require_free(path: Path, overwrite: bool) -> None:
@@ -208,7 +199,7 @@ def _model_folder_foundation(folder: Path) -> _ModelFolder:
             raise FSEFTError(f"{folder} is not an nnU-Net model folder (no {required}); pass the folder "
                              "that holds plans.json, dataset.json and fold_X/ (nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG), "
                              "its fold_X/checkpoint_final.pth, or an nnssl checkpoint .pth")
-    plans, dataset_json = _read_json(folder / "plans.json"), _read_json(folder / "dataset.json")
+    plans, dataset_json = read_model_json(folder / "plans.json"), read_model_json(folder / "dataset.json")
     parts = folder.name.split("__")  # TRAINER__PLANS__CONFIG: the configuration its weights were trained as
     configuration = parts[-1] if len(parts) == 3 and parts[-1] in plans.get("configurations", {}) else None
     return _ModelFolder(folder, plans, dataset_json, configuration)

@@ -17,7 +17,8 @@ def folder_checkpoint(folder: Path) -> Path:
     return found[0]
 
 
-def _json(path: Path) -> dict:
+def read_model_json(path: Path) -> dict:
+    """A model folder's plans.json / dataset.json, or one line naming the broken file."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -31,7 +32,7 @@ def read_nnunet(path: Path, checkpoint: dict, folder: Path = None) -> Foundation
     """`checkpoint` was read from `path`; plans and dataset.json come from `folder` when given, else init_args."""
     init_args = checkpoint.get("init_args") or {}
     if folder is not None:
-        plans, dataset_json = _json(folder / "plans.json"), _json(folder / "dataset.json")
+        plans, dataset_json = read_model_json(folder / "plans.json"), read_model_json(folder / "dataset.json")
     else:
         plans, dataset_json = init_args.get("plans"), init_args.get("dataset_json")
     weights = strip_prefix(checkpoint["network_weights"])
