@@ -119,7 +119,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) 
 
 def finished_cells(config: BenchmarkConfig) -> list:
     """The records of the config's cells that have run, in the harness's order; nothing is trained (for
-    rewriting tables from a grid run over several sittings)."""
+    rewriting tables from a grid run in several parts)."""
     name, _, table = prepare(config)
     files = {cell: config.output / "cells" / f"{cell.key}.json" for cell in plan_cells(config, table)}
     records = [finished_record(config, name, cell, f) for cell, f in files.items() if f.is_file()]
