@@ -102,8 +102,8 @@ def nnunet_env(wd: Workdir) -> dict:
             "nnUNet_n_proc_DA": "0",    # augmentation in the training process: no worker processes to start
             "nnUNet_compile": "0",
             "nnUNet_def_n_proc": "1",   # else nnU-Net starts 8 export workers, each importing torch
-            # OpenMP threads that sleep rather than spin while waiting: on a busy CPU, spinning threads made a
-            # 2-thread training step 8x slower (measured); the user's own setting wins
+            # OpenMP threads that sleep rather than spin while waiting, so that trainings side by side do not
+            # steal each other's cores (docs/demo.md); the user's own setting wins
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
             # seeds the demo trainers (and the FSEFT trainers' new heads), so that two runs print close numbers
             "nnUNet_fseft_seed": os.environ.get("nnUNet_fseft_seed", "0"),

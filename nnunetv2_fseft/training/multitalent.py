@@ -9,8 +9,11 @@ What changes against nnUNetTrainer, and nothing else:
 - cases are sampled ∝ 1/sqrt(cases of their source dataset) (MultiTalent v2);
 - the online pseudo-Dice only counts annotated classes, and the final validation also writes
   validation/summary_annotated.json (Dice over annotated classes only);
-- initial_lr = 1e-3 (MultiTalent v2; same SGD + poly schedule as nnU-Net).
+- initial_lr = 1e-3 (MultiTalent v2; same SGD + poly schedule as nnU-Net);
+- the sigmoid heads start at a foreground probability of head_prior (0.01) instead of 0.5: with nnU-Net's zero
+  bias, short schedules learned only the largest organ (docs/multitalent.md, "Why organs were missed").
 """
+import math
 import copy
 import json
 import os
@@ -33,6 +36,7 @@ from nnunetv2.utilities.helpers import dummy_context
 from nnunetv2_fseft.errors import FSEFTError, fail
 from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
+from nnunetv2_fseft.peft.tree import head_modules
 from nnunetv2_fseft.training.optim_step import backward_and_step
 
 # ---------------------------------------------------------------- dataset.json helpers (no torch, no trainer)
@@ -151,6 +155,9 @@ def annotated_only_summary(summary: dict, channel_keys: list, channel_names: lis
 
 class MultiTalentTrainer(nnUNetTrainer):
     learning_rate = 1e-3  # MultiTalent v2 (MultiTalent_trainer.py); SGD momentum 0.99 nesterov, poly, as nnU-Net
+    # every sigmoid head's starting foreground probability: the prior initialisation of Lin et al., "Focal Loss
+    # for Dense Object Detection" (2017), for outputs that are mostly background
+    head_prior = 0.01
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -167,6 +174,19 @@ class MultiTalentTrainer(nnUNetTrainer):
         self.channel_names = channel_names
         self.annotated_by_case = annotated_by_case
         self.source_of_case = source_dataset_by_case(dataset_json)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
+                                   num_output_channels, enable_deep_supervision: bool = True):
+        """nnU-Net's network with every head's bias at logit(head_prior). nnU-Net's -pretrained_weights never loads
+        heads, so a pre-trained start keeps this too; checkpoints (--c, inference) overwrite it."""
+        network = super().build_network_architecture(plans_manager, configuration_manager, num_input_channels,
+                                                     num_output_channels, enable_deep_supervision)
+        with torch.no_grad():
+            for head in head_modules(network):
+                if head.bias is not None:
+                    head.bias.fill_(math.log(cls.head_prior / (1 - cls.head_prior)))
+        return network
 
     def _annotated(self, keys) -> torch.Tensor:
         """(B, C) bool mask of the classes annotated by each case of the batch (nnU-Net puts case ids in 'keys')."""
@@ -298,8 +318,9 @@ class MultiTalentTrainer(nnUNetTrainer):
 
 
 class MultiTalentTrainer_tiny(MultiTalentTrainer):
-    """Under a minute on a CPU, for tests: 200 iterations at nnU-Net's learning rate (1e-2), enough for a tiny network
-    to find every organ of small phantoms; not a schedule to pre-train a real foundation model with."""
+    """For tests: 200 iterations at nnU-Net's learning rate (1e-2), enough for a tiny network to find every organ of
+    small phantoms; not a schedule to pre-train a real foundation model with. No mirroring (as nnU-Net's
+    nnUNetTrainerNoMirroring): phantom organs are told apart by where they are, which mirroring swaps."""
     learning_rate = 1e-2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -308,3 +329,8 @@ class MultiTalentTrainer_tiny(MultiTalentTrainer):
         self.num_epochs = 10
         self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
