@@ -1,6 +1,7 @@
 """MultiTalentTrainer: dataset.json handling, balanced sampling, masked pseudo-Dice, and a tiny end-to-end run
 through nnU-Net's own commands (plan, train, predict) on two partially labelled phantom datasets (CPU)."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -12,8 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
+from foundation_files import tiny_architecture
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.names import foreground_label_names
 from nnunetv2_fseft.synthetic import write_phantom_dataset
@@ -322,3 +325,20 @@ def test_resume_with_c_keeps_class_masks_sampling_and_optimizer(planned, monkeyp
     final = torch.load(Path(resumed.output_folder) / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert final["current_epoch"] == 2 and len(final["logging"]["train_losses"]) == 2
     assert final["init_args"]["dataset_json"]["labels"]["liver"] == [1, 1]
+
+
+def test_fresh_sigmoid_heads_start_near_the_prior_not_at_one_half():
+    """Before any training a MultiTalent network says p ~ head_prior (0.01) for every class, where nnU-Net's zero-bias
+    heads say 0.5 everywhere: the start that let the demo's foundation learn small organs (docs/multitalent.md)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+    plans = PlansManager({"dataset_name": "Dataset999_X", "plans_name": "tinyPlans", "configurations": {
+        "3d_fullres": {"architecture": tiny_architecture("PlainConvUNet"), "patch_size": [16, 16, 16]}}})
+    configuration = plans.get_configuration("3d_fullres")
+    torch.manual_seed(0)
+    image = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        ours = MultiTalentTrainer.build_network_architecture(plans, configuration, 1, 3, False)
+        stock = nnUNetTrainer.build_network_architecture(plans, configuration, 1, 3, False)
+        assert torch.sigmoid(ours(image)).mean() < 0.05
+        assert abs(torch.sigmoid(stock(image)).mean() - 0.5) < 0.1
+    assert all(torch.allclose(h.bias, torch.full_like(h.bias, math.log(0.01 / 0.99))) for h in ours.decoder.seg_layers)
