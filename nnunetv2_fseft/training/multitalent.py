@@ -11,11 +11,11 @@ What changes against nnUNetTrainer, and nothing else:
   validation/summary_annotated.json (Dice over annotated classes only);
 - initial_lr = 1e-3 (MultiTalent v2; same SGD + poly schedule as nnU-Net);
 - the sigmoid heads start at a foreground probability of head_prior (0.01) instead of 0.5: with nnU-Net's zero
-  bias, short schedules learned only the largest organ (docs/multitalent.md, "Why organs were missed").
+  bias, short schedules learned only the largest organ (docs/multitalent.md, "Heads that start at p = 0.01").
 """
-import math
 import copy
 import json
+import math
 import os
 from collections import Counter
 
