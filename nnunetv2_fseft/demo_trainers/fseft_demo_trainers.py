@@ -23,6 +23,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunetv2_fseft.demo_trainers import PRETRAIN_LR, SCHEDULES, THREADS_VARIABLE
 from nnunetv2_fseft.training.multitalent import MultiTalentTrainer
+from nnunetv2_fseft.training.schedule import without_mirroring
 from nnunetv2_fseft_trainers import fseft_trainers
 
 def _set_threads() -> None:
@@ -42,15 +43,6 @@ def _seed() -> None:
 def _skip_final_validation(self, save_probabilities: bool = False):
     self.print_to_log_file("nnUNetv2_fseft_demo: final validation skipped; the demo predicts the query cases "
                            "(this fold's val set) with nnUNetv2_predict and scores them with nnU-Net's evaluation")
-
-
-def _no_mirroring(base):
-    """nnUNetTrainerNoMirroring's override, on top of `base`."""
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
-    return configure_rotation_dummyDA_mirroring_and_inital_patch_size
 
 
 def _schedule_init(base, epochs, iterations, val_iterations, initial_lr=None):
@@ -74,7 +66,7 @@ def _define(schedule: str, times: dict) -> None:
     name = f"MultiTalentTrainer_{schedule}"
     module[name] = type(name, (MultiTalentTrainer,), {
         "__init__": _schedule_init(MultiTalentTrainer, epochs, iterations, val_iterations, PRETRAIN_LR),
-        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": _no_mirroring(MultiTalentTrainer),
+        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": without_mirroring(MultiTalentTrainer),
         "__module__": __name__})
 
     epochs, iterations, val_iterations = times["adapt"]
@@ -82,7 +74,7 @@ def _define(schedule: str, times: dict) -> None:
     name = f"nnUNetTrainer_{schedule}"
     module[name] = type(name, (nnUNetTrainer,), {
         "__init__": _schedule_init(nnUNetTrainer, epochs, iterations, val_iterations),
-        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": _no_mirroring(nnUNetTrainer),
+        "configure_rotation_dummyDA_mirroring_and_inital_patch_size": without_mirroring(nnUNetTrainer),
         "perform_actual_validation": _skip_final_validation, "__module__": __name__})
 
     # the FSEFT trainers read their schedule from class attributes (set here too, for the log)
@@ -94,7 +86,7 @@ def _define(schedule: str, times: dict) -> None:
             module[name] = type(name, (base,), {
                 "epochs": epochs, "iterations_per_epoch": iterations, "val_iterations_per_epoch": val_iterations,
                 "__init__": _schedule_init(base, epochs, iterations, val_iterations),
-                "configure_rotation_dummyDA_mirroring_and_inital_patch_size": _no_mirroring(base),
+                "configure_rotation_dummyDA_mirroring_and_inital_patch_size": without_mirroring(base),
                 "perform_actual_validation": _skip_final_validation, "__module__": __name__})
 
 

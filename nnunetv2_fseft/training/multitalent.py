@@ -38,6 +38,7 @@ from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotatio
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
 from nnunetv2_fseft.peft.tree import head_modules
 from nnunetv2_fseft.training.optim_step import backward_and_step
+from nnunetv2_fseft.training.schedule import without_mirroring
 
 # ---------------------------------------------------------------- dataset.json helpers (no torch, no trainer)
 
@@ -330,7 +331,4 @@ class MultiTalentTrainer_tiny(MultiTalentTrainer):
         self.num_iterations_per_epoch = 20
         self.num_val_iterations_per_epoch = 1
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        rotation, dummy_2d, initial_patch_size, _ = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None
-        return rotation, dummy_2d, initial_patch_size, None
+    configure_rotation_dummyDA_mirroring_and_inital_patch_size = without_mirroring(MultiTalentTrainer)
