@@ -28,6 +28,10 @@ ENCODER_ALIAS = "decoder.encoder."  # dynamic-network-architectures' decoder hol
 FIX_PLANS = ("prepare the target with the foundation's plans: "
              "nnUNetv2_fseft_prepare_target -d TARGET -m FOUNDATION (model folder or checkpoint)")
 HE_SLOPE = 1e-2  # nnU-Net's InitWeights_He
+# a head channel's starting probability for a class it has not learned (the bias of a new class, or of a sigmoid
+# head): the prior initialisation of Lin et al., "Focal Loss for Dense Object Detection" (2017), for outputs that are
+# mostly background. At 0.5 a small organ is learned late or not at all (docs/results.md)
+NEW_CLASS_PRIOR = 0.01
 
 
 def atomic_write(path, write) -> None:
@@ -176,17 +180,25 @@ def channel_names(dataset_json: dict, n_channels: int):
 
 
 def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_json: dict) -> list:
-    """Copy head channels of same-named classes from the foundation and zero the rest; returns lines for the log."""
+    """Copy head channels of same-named classes from the foundation; the rest start fresh (start_fresh). Returns
+    lines for the log."""
     head_keys = [k for k in adapted if is_head_key(k)]
-    if not head_keys or foundation_json is None:
-        zero_channels(adapted, head_keys, None)
-        return ["head: the foundation names no classes; all target classes start fresh (zero)"]
+    if not head_keys:
+        return ["head: the network has no segmentation head to map"]
     example = next(k for k in head_keys if k.endswith("weight"))
     t_names, t_softmax = channel_names(target_json, adapted[example].shape[0])
-    f_names, f_softmax = channel_names(foundation_json, pretrained[foundation_key(example)].shape[0])
-    if t_names is None or f_names is None:
-        zero_channels(adapted, head_keys, None)
+    if t_names is None:
+        start_fresh(adapted, head_keys, None, None)
         return ["head: channel layout not recognised; all target classes start fresh (zero)"]
+    background = 0 if t_softmax else None
+    source = pretrained.get(foundation_key(example))
+    f_names, f_softmax = (None, None) if foundation_json is None or source is None else \
+        channel_names(foundation_json, source.shape[0])
+    if f_names is None:
+        start_fresh(adapted, head_keys, range(len(t_names)), background)
+        reason = "names no classes" if foundation_json is None or source is None else \
+            "has a channel layout not recognised"
+        return [f"head: the foundation {reason}; all target classes start fresh (p = {NEW_CLASS_PRIOR})"]
     pairs = [(ti, f_names.index(n)) for ti, n in enumerate(t_names) if n != "background" and n in f_names]
     if pairs and t_softmax and f_softmax:
         pairs.append((0, 0))
@@ -195,24 +207,29 @@ def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_jso
         for ti, fi in pairs:
             adapted[key][ti] = src[fi]
     # a sigmoid foundation's classes in a softmax target: background logit 0 makes softmax([0, z]) == sigmoid(z)
-    zero_channels(adapted, head_keys, [ti for ti in range(len(t_names)) if ti not in dict(pairs)])
+    start_fresh(adapted, head_keys, [ti for ti in range(len(t_names)) if ti not in dict(pairs)], background)
     mapped = {t_names[ti] for ti, _ in pairs} - {"background"}
     fresh = [n for n in t_names if n not in mapped and n != "background"]
     lines = [f"head: target '{t_names[ti]}' <- foundation channel {fi} ('{f_names[fi]}')"
              for ti, fi in pairs if t_names[ti] != "background"]
     if fresh:
-        lines.append(f"head: new classes start fresh: {', '.join(fresh)} (zero)")
+        lines.append(f"head: new classes start fresh: {', '.join(fresh)} (p = {NEW_CLASS_PRIOR})")
     return lines
 
 
-def zero_channels(adapted: dict, head_keys: list, channels) -> None:
-    """Unmapped head channels (all when `channels` is None) start at zero weight and bias, so every voxel starts
-    at the same uncommitted output and the first steps depend on no random draw (a random new head can start a seed
-    far from the others and never recover at a few-shot budget). A zero head grows by about the learning rate per
-    Adam step, so every FSEFT trainer trains its head at head_learning_rate (docs/hippocampus.md, "New head channels
-    start at zero")."""
+def start_fresh(adapted: dict, head_keys: list, channels, background) -> None:
+    """Unmapped head channels (all when `channels` is None) start with zero weights, so that the first steps depend
+    on no random draw (a random new head can start a seed far from the others and never recover at a few-shot
+    budget), and a new class's bias at logit(NEW_CLASS_PRIOR) beside a zero background (docs/results.md, "New
+    classes start at p = 0.01"). Zero weights grow by about the learning rate per Adam step, so every FSEFT trainer
+    trains its head at head_learning_rate. With `channels` None the layout is unknown: everything starts at zero."""
+    prior = math.log(NEW_CLASS_PRIOR / (1 - NEW_CLASS_PRIOR))
     for key in head_keys:
-        adapted[key][slice(None) if channels is None else channels] = 0
+        if channels is None:
+            adapted[key][:] = 0
+            continue
+        for c in channels:
+            adapted[key][c] = prior if key.endswith("bias") and c != background else 0
 
 
 def weights_sha256(path) -> str:

@@ -1,5 +1,6 @@
 """Loading a foundation into an adapted network: an nnssl encoder (encoder + stem, every alias; decoder and heads
 fresh), another input channel count, and the messages when the network differs in kind."""
+import math
 import os
 
 import pytest
@@ -43,7 +44,10 @@ def test_nnssl_encoder_and_stem_load_under_every_alias_and_the_decoder_starts_fr
             assert torch.equal(value, plain[fkey]), key  # the decoder's alias of the encoder too
     decoder = [k for k in plain if k.startswith("decoder.stages") and k.endswith("conv.weight")]
     assert decoder and not any(torch.equal(state[k], plain[k]) for k in decoder)
-    assert not any(v.any() for k, v in state.items() if ".seg_layers." in k)  # heads start at zero
+    heads = {k: v for k, v in state.items() if ".seg_layers." in k}  # fresh: zero weights, the class at p = 0.01
+    assert heads and not any(v.any() for k, v in heads.items() if k.endswith("weight"))
+    assert all(v[0] == 0 and torch.allclose(v[1], torch.tensor(math.log(0.01 / 0.99)))
+               for k, v in heads.items() if k.endswith("bias"))
     encoder_keys = len([k for k in plain if k.startswith("encoder.")])
     assert f"encoder {encoder_keys} of {encoder_keys} tensors loaded (stem included)" in report.lines[1]
     assert "decoder" in report.lines[1] and "tensors new" in report.lines[1]

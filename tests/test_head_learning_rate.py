@@ -73,7 +73,7 @@ def test_without_head_rate_the_update_is_the_single_group_adamw():
 
 
 def test_every_fseft_trainer_trains_its_head_at_the_linear_probe_rate():
-    """New head channels start at zero: every method's head trains at 1e-2 whatever the method's own rate, and the
+    """New head channels start with zero weights: every method's head trains at 1e-2 whatever the method's own rate, and the
     trainer list says so where the two differ."""
     from nnunetv2_fseft.trainer_names import describe, plugin_trainers
     fseft = {n: c for n, c in plugin_trainers().items() if issubclass(c, FSEFTTrainer)}

@@ -43,8 +43,8 @@ class FSEFTTrainer(nnUNetTrainer):
     peft_options = {}
     learning_rate = 1e-4
     # the segmentation head's own rate (None: learning_rate), the linear probe's for every method: new head channels
-    # start at zero and Adam moves a weight by about its rate per step, so a head at the body's rate stays uncommitted
-    # (docs/hippocampus.md, "New head channels start at zero")
+    # start with zero weights and Adam moves a weight by about its rate per step, so a head at the body's rate stays
+    # uncommitted (docs/hippocampus.md, "New head channels start with zero weights")
     head_learning_rate = 1e-2
     weight_decay_fseft = 1e-4
     # short few-shot schedule: 20 x 50 = 1,000 iterations; a subclass changes it (README, "Changing the schedule")

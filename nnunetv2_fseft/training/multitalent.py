@@ -33,6 +33,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
+from nnunetv2_fseft.checkpoints import NEW_CLASS_PRIOR
 from nnunetv2_fseft.errors import FSEFTError, fail
 from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
@@ -156,9 +157,7 @@ def annotated_only_summary(summary: dict, channel_keys: list, channel_names: lis
 
 class MultiTalentTrainer(nnUNetTrainer):
     learning_rate = 1e-3  # MultiTalent v2 (MultiTalent_trainer.py); SGD momentum 0.99 nesterov, poly, as nnU-Net
-    # every sigmoid head's starting foreground probability: the prior initialisation of Lin et al., "Focal Loss
-    # for Dense Object Detection" (2017), for outputs that are mostly background
-    head_prior = 0.01
+    head_prior = NEW_CLASS_PRIOR  # every sigmoid head's starting foreground probability (not nnU-Net's 0.5)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
