@@ -19,7 +19,7 @@ class Run:
     trainer: str         # full class name, with the schedule suffix
     k: int
     fold: int
-    pretrained: bool     # False: the from-scratch baseline, which does not wait for the foundation
+    pretrained: bool     # False: the from-scratch baseline (no -pretrained_weights)
 
     @property
     def step(self) -> str:
@@ -52,7 +52,7 @@ def adapt_and_score(wd: Workdir, run: Run, target: dict, checkpoint: Path, env: 
         shutil.rmtree(out)
     predict = [console_script("nnUNetv2_predict"), "-i", str(query[0]), "-o", str(out), "-d", dataset,
                "-tr", run.trainer, "-c", CONFIGURATION, "-p", PLANS, "-f", str(run.fold), "-device", "cpu",
-               "--disable_tta", "-npp", "1", "-nps", "1", "--disable_progress_bar"]
+               "--disable_tta", "-npp", "0", "-nps", "0", "--disable_progress_bar"]  # sequential: no worker start-ups
     predict_s = run_command(wd, run.step.replace("adapt_", "predict_"), predict, env)
     dataset_json = json.loads((model / "dataset.json").read_text())
     scores = run_in_process(wd, run.step.replace("adapt_", "evaluate_"), evaluate, out, query[1], dataset_json,

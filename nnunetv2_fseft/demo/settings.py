@@ -35,6 +35,7 @@ class Settings:
     scratch: bool                   # also a stock nnU-Net baseline from random init
     data: Optional[Tuple[Tuple[int, ...], int]] = None  # (foundation ids, target id) of the user's datasets
     preset: str = PRESET
+    phantom_shape: Tuple[int, ...] = (24, 24, 24)  # voxels per synthetic case (nnU-Net plans the whole case as a patch)
 
 
 def default_settings(quick: bool = False, data=None, preset: str = PRESET) -> Settings:

@@ -14,17 +14,23 @@ from .workdir import Workdir
 def make_synthetic_data(wd: Workdir, settings: Settings) -> dict:
     from ..synthetic import write_phantom_dataset
     for dataset_id, name, organs, seed, shift in SOURCES:
-        write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_source_cases, seed=seed,
-                              intensity_shift=shift)
+        write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_source_cases,
+                              shape=settings.phantom_shape, spacing=phantom_spacing(settings), seed=seed, intensity_shift=shift)
     dataset_id, name, organs, seed, shift = TARGET
-    write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_target_cases, seed=seed,
-                          intensity_shift=shift)
+    write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_target_cases,
+                          shape=settings.phantom_shape, spacing=phantom_spacing(settings), seed=seed, intensity_shift=shift)
     return {"sources": [s[0] for s in SOURCES], "target": TARGET[0]}
+
+
+def phantom_spacing(settings: Settings) -> tuple:
+    """The same 48 mm field of view whatever the phantoms' voxel count."""
+    return tuple(48.0 / s for s in settings.phantom_shape)
 
 
 def describe_phantoms(settings: Settings) -> str:
     sources = ", ".join("%s (%s)" % (name, "+".join(organs)) for _, name, organs, _, _ in SOURCES)
-    return (f"{settings.n_source_cases} cases each: {sources}; target {TARGET[1]} ({'+'.join(TARGET[2])}, "
+    size = "x".join(map(str, settings.phantom_shape)) + f" voxels of {phantom_spacing(settings)[0]:g} mm"
+    return (f"{settings.n_source_cases} cases each ({size}): {sources}; target {TARGET[1]} ({'+'.join(TARGET[2])}, "
             f"organs +{TARGET[4]:.0f} HU): {settings.n_target_cases} cases")
 
 

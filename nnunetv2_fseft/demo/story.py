@@ -22,15 +22,24 @@ def run_demo(workdir="fseft_demo", quick: bool = False, data=None, overwrite: bo
     user_raw = user_raw_folder() if data is not None else None
     wd = open_workdir(workdir, settings, overwrite)
     env = nnunet_env(wd)
+    alone_env = _alone(env)  # before the environment below replaces the user's variables
     progress = Progress(stream)
     try:
         with environment(env):  # for the steps that run in this process
-            return _story(wd, settings, env, user_raw, jobs, progress)
+            return _story(wd, settings, env, user_raw, jobs, progress, alone_env)
     finally:
         progress.close()
 
 
-def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], jobs: int, progress: Progress) -> dict:
+def _alone(env: dict) -> dict:
+    """The environment of a training that runs alone (the pre-training): its OpenMP threads spin while they wait
+    (ACTIVE), which trains this small network on two threads far faster than PASSIVE, the demo's setting for
+    trainings side by side (docs/demo.md); the user's own setting wins."""
+    return {**env, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "ACTIVE")}
+
+
+def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], jobs: int, progress: Progress,
+           alone_env: dict) -> dict:
     progress.line("work dir", f"{wd.root} (logs: {wd.logs})")
 
     def step(name: str, function, *args, describe=lambda r: "", **kwargs) -> dict:
@@ -58,7 +67,8 @@ def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], 
     model_folder = foundation_folder(wd, foundation["dataset"], settings)
     trainer = f"MultiTalentTrainer_{settings.schedule}"
     checkpoint = model_folder / f"fold_{FOUNDATION_FOLD}" / "checkpoint_final.pth"
-    # with several lanes each training takes its share of the cores (read by the demo trainers)
+    # the adaptation runs go side by side, each with its share of the cores (read by the demo trainers); the
+    # pre-training, which everything after it waits for, takes all of them
     train_env = {**env, THREADS_VARIABLE: str(max(1, (os.cpu_count() or 1) // jobs))} if jobs > 1 else env
 
     def pretrain() -> dict:
@@ -69,7 +79,7 @@ def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], 
                                       f"(log: {wd.log('pretrain')})")
             seconds = run_command(wd, "pretrain", [console_script("nnUNetv2_train"), foundation["dataset"],
                                                    CONFIGURATION, str(FOUNDATION_FOLD), "-tr", trainer, "-p", PLANS,
-                                                   "-device", "cpu"], train_env)
+                                                   "-device", "cpu"], alone_env)
             record = save_record(wd, "pretrain", {"trainer": trainer, "checkpoint": str(checkpoint),
                                                   "seconds": seconds, "scores": foundation_scores(model_folder)})
             suffix = f"({seconds:.0f} s)"
@@ -79,38 +89,32 @@ def _story(wd: Workdir, settings: Settings, env: dict, user_raw: Optional[str], 
         progress.line("pretrain", f"foundation ready; held-out Dice {scores} {suffix}")
         return record
 
-    def prepare_and_baseline(pretraining) -> tuple:
-        """Meanwhile: the target needs only the foundation's plans, the from-scratch baseline not even its weights."""
+    def prepare_target(pretraining) -> tuple:
+        """Meanwhile: the target needs only the foundation's plans, not its weights."""
         wait_for_plans(model_folder, pretraining)
         target = step("target", prepare, wd, settings, data_record["target"], model_folder, describe=lambda r: (
             f"{r['dataset']} preprocessed with the foundation's plans; "
             + ", ".join("fold %d = K=%d" % (f["fold"], f["k"]) for f in r["folds"])
             + f"; {len(r['query'])} query cases"))
-        query = link_query(wd, target["dataset"], target["query"])
-        runs = plan_runs(settings, target["folds"])
-        baseline = [r for r in runs if not r.pretrained]
-        if baseline:
-            progress.line("baseline", f"{len(baseline)} from-scratch runs alongside the pre-training")
-        records = [adaptation_step(wd, r, target, checkpoint, train_env, query, progress) for r in baseline]
-        return target, query, runs, dict(zip((r.step for r in baseline), records))
+        return target, link_query(wd, target["dataset"], target["query"])
 
     lanes = Lanes(jobs)
     try:
-        if jobs > 1:  # two lanes: pre-training || (target, baseline runs)
+        if jobs > 1:
             pretraining = lanes.submit(pretrain)
-            side = lanes.submit(prepare_and_baseline, pretraining)
-            record, (target, query, runs, records) = lanes.wait([pretraining, side])
+            side = lanes.submit(prepare_target, pretraining)
+            record, (target, query) = lanes.wait([pretraining, side])
         else:
             record = pretrain()
-            target, query, runs, records = prepare_and_baseline(Finished(record))
-        todo = [r for r in runs if r.step not in records]
-        progress.line("adapt", f"{len(todo)} runs: nnUNetv2_train -pretrained_weights <foundation>, "
-                               f"nnUNetv2_predict, nnU-Net's evaluation; {jobs} at a time")
+            target, query = prepare_target(Finished(record))
+        runs = plan_runs(settings, target["folds"])
+        progress.line("adapt", f"{len(runs)} runs: nnUNetv2_train (-pretrained_weights <foundation>, except from "
+                               f"scratch), nnUNetv2_predict, nnU-Net's evaluation; {jobs} at a time")
         # longest first, so that the lanes finish together
-        order = sorted(todo, key=lambda r: r.trainer.startswith("FSEFTLinearProbe"))
+        order = sorted(runs, key=lambda r: r.trainer.startswith("FSEFTLinearProbe"))
         futures = [lanes.submit(adaptation_step, wd, r, target, checkpoint, train_env, query, progress)
                    for r in order]
-        records.update(zip((r.step for r in order), lanes.wait(futures)))
+        records = dict(zip((r.step for r in order), lanes.wait(futures)))
     finally:
         lanes.close()
 

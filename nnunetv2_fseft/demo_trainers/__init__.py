@@ -8,7 +8,7 @@ FOLDER = str(Path(__file__).resolve().parent)
 
 # schedule -> {"pretrain"|"adapt": (epochs, iterations per epoch, validation iterations per epoch)}
 SCHEDULES = {
-    "demo": {"pretrain": (20, 40, 2), "adapt": (3, 40, 1)},
+    "demo": {"pretrain": (20, 40, 2), "adapt": (2, 40, 1)},
     "demoquick": {"pretrain": (6, 20, 1), "adapt": (2, 10, 1)},
 }
 PRETRAIN_LR = 1e-2  # nnU-Net's SGD default: MultiTalent's 1e-3 suits thousands of epochs, not a few hundred steps
