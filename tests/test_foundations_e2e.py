@@ -141,7 +141,9 @@ def test_decoder_frozen_method_is_refused_on_an_encoder_only_foundation_unless_o
     run_training("923", "3d_fullres", 0, "FSEFTLoRATrainer_testnoval", plans_identifier=world["plans"], device=CPU,
                  pretrained_weights=str(world["ssl"]))
     trained = _trained(world, "FSEFTLoRATrainer_testnoval")
-    assert "opted in with allow_untrained_decoder" in next((trained / "fold_0").glob("training_log_*.txt")).read_text()
+    # the refused run left its own log: read the opted-in run's, the newer one
+    log = max((trained / "fold_0").glob("training_log_*.txt"), key=lambda p: p.stat().st_mtime_ns)
+    assert "opted in with allow_untrained_decoder" in log.read_text()
     adapter = world["root"] / "ssl_lora_adapter"
     export_model(trained, adapter, merge=False)
     # its frozen decoder is not in the adapter file: --apply must draw the same fresh decoder again

@@ -1,6 +1,6 @@
 """nnUNetv2_fseft_demo: pre-train a partial-label foundation and adapt it few-shot, end to end, on a CPU.
 
-Without arguments it needs no data and no GPU: synthetic CT-like phantoms, about 9 minutes on 2 CPU cores."""
+Without arguments it needs no data and no GPU: synthetic CT-like phantoms, about 5 minutes on 2 CPU cores."""
 import argparse
 import os
 
