@@ -220,8 +220,8 @@ def map_heads(adapted: dict, pretrained: dict, target_json: dict, foundation_jso
 def start_fresh(adapted: dict, head_keys: list, channels, background) -> None:
     """Unmapped head channels (all when `channels` is None) start with zero weights, so that the first steps depend
     on no random draw (a random new head can start a seed far from the others and never recover at a few-shot
-    budget), and a new class's bias at logit(NEW_CLASS_PRIOR) beside a zero background (docs/results.md, "New
-    classes start at p = 0.01"). Zero weights grow by about the learning rate per Adam step, so every FSEFT trainer
+    budget), and a new class's bias at logit(NEW_CLASS_PRIOR) beside a zero background (docs/results.md, "A new
+    class's head start"). Zero weights grow by about the learning rate per Adam step, so every FSEFT trainer
     trains its head at head_learning_rate. With `channels` None the layout is unknown: everything starts at zero."""
     prior = math.log(NEW_CLASS_PRIOR / (1 - NEW_CLASS_PRIOR))
     for key in head_keys:

@@ -58,7 +58,8 @@ def test_nnunet_predict_paints_the_organs_of_both_partially_labelled_datasets(de
     out = tmp_path / "predicted"
     model = results["context"]["foundation"]["dataset"]
     r = subprocess.run([str(BIN / "nnUNetv2_predict"), "-i", str(subject / "imagesTr"), "-o", str(out), "-d", model,
-                        "-c", "3d_fullres", "-f", "0", "-tr", results["context"]["foundation_trainer"], "-device", "cpu",
+                        "-c", "3d_fullres", "-f", "0", "-tr", results["context"]["foundation_trainer"],
+                        "-device", "cpu",
                         "--disable_tta", "-npp", "0", "-nps", "0", "--disable_progress_bar"],
                        capture_output=True, text=True, env={**os.environ, **nnunet_env(Workdir(workdir))}, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -13,12 +13,13 @@ from .workdir import Workdir
 
 def make_synthetic_data(wd: Workdir, settings: Settings) -> dict:
     from ..synthetic import write_phantom_dataset
+    size = {"shape": settings.phantom_shape, "spacing": phantom_spacing(settings)}
     for dataset_id, name, organs, seed, shift in SOURCES:
-        write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_source_cases,
-                              shape=settings.phantom_shape, spacing=phantom_spacing(settings), seed=seed, intensity_shift=shift)
+        write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_source_cases, seed=seed,
+                              intensity_shift=shift, **size)
     dataset_id, name, organs, seed, shift = TARGET
-    write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_target_cases,
-                          shape=settings.phantom_shape, spacing=phantom_spacing(settings), seed=seed, intensity_shift=shift)
+    write_phantom_dataset(wd.raw, dataset_id, name, list(organs), settings.n_target_cases, seed=seed,
+                          intensity_shift=shift, **size)
     return {"sources": [s[0] for s in SOURCES], "target": TARGET[0]}
 
 
