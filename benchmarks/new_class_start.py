@@ -11,12 +11,9 @@ channels, paired (same seed, same supports, augmentation in-process):
   prior  weights zero, bias logit(0.01): the pancreas starts at p = 0.01 (the FSEFT trainers' start)
 Decoder + LoRA at seeds 0 and 1, full fine-tuning at seed 0; two cells at a time, one torch thread each.
 
---hippocampus HWORK adds one real-data pair: hippocampus_foundations.py's work dir (its Posterior-only foundation
-and its Anterior target from the model folder), decoder + LoRA at K = 1, seed 0, the shipped 1,000 iterations,
-both starts side by side (FSEFTDecoderLoRATrainer_paired_<start>: one thread each, Python/NumPy/torch seeded,
-augmentation in-process), scored by nnU-Net's final validation on the 50 query cases.
+  python benchmarks/new_class_start.py WORKDIR [--results DIR]
 
-  python benchmarks/new_class_start.py WORKDIR [--hippocampus HWORK] [--results DIR]
+The one hippocampus pair in docs/results.md ran by hand: benchmarks/results/new_class_start_NOTES.md.
 
 Writes RESULTS/new_class_start_cpu.{md,csv}; a cell whose validation/summary.json exists is not trained again.
 """
@@ -77,33 +74,7 @@ def run_cell(work: Path, folds: dict, cell: tuple) -> dict:
     return row
 
 
-HIPPO_FOUNDATION = "Dataset104_HippoPosterior/nnUNetTrainer_20x50__nnUNetPlans__3d_fullres/fold_0/checkpoint_final.pth"
-
-
-def run_hippocampus_cell(hwork: Path, start: str) -> dict:
-    from nnunetv2_fseft.trainer_names import trainers_folder
-    target = json.loads((hwork / "target_model.json").read_text())
-    name, fold = f"FSEFTDecoderLoRATrainer_paired_{start}", target["folds"]["1"]
-    results = hwork / "new_class_start" / start
-    out = results / "Dataset114_HippoAnteriorFromModel" / f"{name}__{target['plans']}__3d_fullres" / f"fold_{fold}"
-    summary = out / "validation" / "summary.json"
-    if not summary.is_file():
-        env = {**os.environ, "nnUNet_raw": str(hwork / "raw"), "nnUNet_preprocessed": str(hwork / "pre"),
-               "nnUNet_results": str(results), "nnUNet_n_proc_DA": "0", "nnUNet_fseft_seed": "0",
-               "nnUNet_compile": "0", "nnUNet_def_n_proc": "1", "OMP_WAIT_POLICY": "PASSIVE",
-               "nnUNet_extTrainer": os.pathsep.join([trainers_folder(), str(HERE / "ext")])}
-        cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), "114", "3d_fullres", str(fold), "-tr", name,
-               "-p", target["plans"], "-device", "cpu", "-pretrained_weights", str(hwork / "res" / HIPPO_FOUNDATION)]
-        results.mkdir(parents=True, exist_ok=True)
-        with open(results / "train.log", "w") as log:
-            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
-                sys.exit(f"failed: {' '.join(cmd)} (see {log.name})")
-    row = {"start": start, "anterior": json.loads(summary.read_text())["mean"]["1"]["Dice"]}
-    print(json.dumps(row), flush=True)
-    return row
-
-
-def publish(results: Path, rows: list, hippocampus: list, command: str) -> None:
+def publish(results: Path, rows: list, command: str) -> None:
     results.mkdir(parents=True, exist_ok=True)
     with open(results / f"{STEM}.csv", "w", newline="") as f:
         w = csv.DictWriter(f, ["trainer", "k", "seed", "start", "liver", "pancreas", "wall_s"])
@@ -121,18 +92,12 @@ def publish(results: Path, rows: list, hippocampus: list, command: str) -> None:
         z, p = by[(trainer, k, seed, "zero")], by[(trainer, k, seed, "prior")]
         lines.append(f"| {trainer} | {k} | {seed} | {z['pancreas']:.3f} | {p['pancreas']:.3f} | {z['liver']:.3f} | "
                      f"{p['liver']:.3f} |")
-    if hippocampus:
-        h = {r["start"]: r["anterior"] for r in hippocampus}
-        lines += ["", "Hippocampus, novel class (Anterior), decoder + LoRA, K = 1, seed 0, 1,000 iterations, 50 query "
-                      "cases:", "", "| start | Anterior Dice |", "|---|---:|",
-                  f"| zero | {h['zero']:.4f} |", f"| p = 0.01 | {h['prior']:.4f} |"]
     (results / f"{STEM}.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("workdir", type=Path)
-    p.add_argument("--hippocampus", type=Path, help="hippocampus_foundations.py's work dir: add the real-data pair")
     p.add_argument("--results", type=Path, default=HERE / "results")
     a = p.parse_args()
     work = a.workdir.resolve()
@@ -140,9 +105,7 @@ def main() -> None:
     folds = {f["k"]: f["fold"] for f in splits["folds"]}
     with ThreadPoolExecutor(2) as pool:
         rows = list(pool.map(lambda c: run_cell(work, folds, c), CELLS))
-        hippocampus = [] if a.hippocampus is None else \
-            list(pool.map(lambda start: run_hippocampus_cell(a.hippocampus.resolve(), start), ("zero", "prior")))
-    publish(a.results, rows, hippocampus, "python benchmarks/new_class_start.py " + " ".join(sys.argv[1:]))
+    publish(a.results, rows, "python benchmarks/new_class_start.py " + " ".join(sys.argv[1:]))
     print((a.results / f"{STEM}.md").read_text())
 
 

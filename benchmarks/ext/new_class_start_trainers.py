@@ -1,9 +1,10 @@
-"""FSEFT trainers in two head starts, for benchmarks/new_class_start.py:
+"""FSEFT trainers in two head starts:
   prior  as shipped: a new class's head channel starts at p = 0.01 (bias logit(0.01), weights zero)
   zero   as before: every fresh channel's bias at zero too, so a new class starts tied with background
 <Trainer>_demo_<start>: the demo's trainers, with nnU-Net's final validation (the demo skips it).
 FSEFTDecoderLoRATrainer_paired_<start>: the shipped trainer, one torch thread, Python/NumPy/torch seeded from
-nnUNet_fseft_seed before the network is built (with nnUNet_n_proc_DA=0 the two starts see the same batches).
+nnUNet_fseft_seed before the network is built (with nnUNet_n_proc_DA=0 the two starts see the same batches); for
+the hippocampus pair run by hand (benchmarks/results/new_class_start_NOTES.md).
 Imported by nnU-Net under a top-level name: absolute imports only."""
 import os
 import random
