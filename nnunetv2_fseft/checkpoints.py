@@ -34,6 +34,11 @@ HE_SLOPE = 1e-2  # nnU-Net's InitWeights_He
 NEW_CLASS_PRIOR = 0.01
 
 
+def prior_logit(p: float = NEW_CLASS_PRIOR) -> float:
+    """The bias at which a sigmoid (or a softmax channel beside a zero background) starts at probability p."""
+    return math.log(p / (1 - p))
+
+
 def atomic_write(path, write) -> None:
     """Call write(tmp_path) then rename onto `path` (atomic on POSIX)."""
     path = str(path)
@@ -223,7 +228,7 @@ def start_fresh(adapted: dict, head_keys: list, channels, background) -> None:
     budget), and a new class's bias at logit(NEW_CLASS_PRIOR) beside a zero background (docs/results.md, "A new
     class's head start"). Zero weights grow by about the learning rate per Adam step, so every FSEFT trainer
     trains its head at head_learning_rate. With `channels` None the layout is unknown: everything starts at zero."""
-    prior = math.log(NEW_CLASS_PRIOR / (1 - NEW_CLASS_PRIOR))
+    prior = prior_logit()
     for key in head_keys:
         if channels is None:
             adapted[key][:] = 0

@@ -1,4 +1,4 @@
-"""The default nnUNetv2_fseft_demo, run once as a user runs it (about 6 minutes on 2 CPU cores), checked for what a
+"""The default nnUNetv2_fseft_demo, run once as a user runs it (about 5 minutes on 2 CPU cores), checked for what a
 user reads in its output: the foundation learned every organ it was shown, and few-shot adaptation beats nnU-Net
 from scratch on the known organ and, with decoder + LoRA, on the organ no foundation dataset labels."""
 import json

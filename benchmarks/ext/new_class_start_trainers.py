@@ -6,11 +6,8 @@ FSEFTDecoderLoRATrainer_paired_<start>: the shipped trainer, one torch thread, P
 nnUNet_fseft_seed before the network is built (with nnUNet_n_proc_DA=0 the two starts see the same batches); for
 the hippocampus pair run by hand (benchmarks/results/new_class_start_NOTES.md).
 Imported by nnU-Net under a top-level name: absolute imports only."""
-import os
-import random
 import sys
 
-import numpy as np
 import torch
 
 from nnunetv2_fseft.demo_trainers import FOLDER
@@ -58,10 +55,7 @@ def _define_paired(start: str) -> None:
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         FSEFTDecoderLoRATrainer.__init__(self, plans, configuration, fold, dataset_json, device)
         torch.set_num_threads(1)  # nnUNetv2_train -device cpu has just set all cores; two cells run side by side
-        seed = int(os.environ.get("nnUNet_fseft_seed", "0"))
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+        fseft_demo_trainers._seed()  # Python, NumPy and torch from nnUNet_fseft_seed, as the demo trainers do
 
     def on_train_start(self):
         FSEFTDecoderLoRATrainer.on_train_start(self)

@@ -15,7 +15,6 @@ What changes against nnUNetTrainer, and nothing else:
 """
 import copy
 import json
-import math
 import os
 from collections import Counter
 
@@ -33,7 +32,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 
-from nnunetv2_fseft.checkpoints import NEW_CLASS_PRIOR
+from nnunetv2_fseft.checkpoints import NEW_CLASS_PRIOR, prior_logit
 from nnunetv2_fseft.errors import FSEFTError, fail
 from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotation_mask
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
@@ -185,7 +184,7 @@ class MultiTalentTrainer(nnUNetTrainer):
         with torch.no_grad():
             for head in head_modules(network):
                 if head.bias is not None:
-                    head.bias.fill_(math.log(cls.head_prior / (1 - cls.head_prior)))
+                    head.bias.fill_(prior_logit(cls.head_prior))
         return network
 
     def _annotated(self, keys) -> torch.Tensor:
