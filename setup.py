@@ -13,6 +13,8 @@ SCRIPTS = {
     "nnUNetv2_fseft_zeroshot": "zeroshot",
     "nnUNetv2_fseft_benchmark": "benchmark",
     "nnUNetv2_fseft_demo": "demo",
+    "nnUNetv2_fseft_pseudolabel": "pseudolabel",
+    "nnUNetv2_fseft_predict": "predict",
 }
 
 setup(

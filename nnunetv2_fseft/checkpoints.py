@@ -7,7 +7,6 @@
 - Adapter files hold only the trained tensors (safetensors, no pickle) plus the method's config (JSON).
 - Every file is written to a temporary name and renamed, so an interrupted write never leaves half a file.
 """
-import hashlib
 import json
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import FSEFTError
+from .files import atomic_write, sha256  # noqa: F401 (re-exported for the trainers)
 from .foundations import Foundation, read_foundation
 from .names import foreground_label_names, normalize_class_name
 from .peft import foundation_key, trainable_state
@@ -37,26 +37,6 @@ NEW_CLASS_PRIOR = 0.01
 def prior_logit(p: float = NEW_CLASS_PRIOR) -> float:
     """The bias at which a sigmoid (or a softmax channel beside a zero background) starts at probability p."""
     return math.log(p / (1 - p))
-
-
-def atomic_write(path, write) -> None:
-    """Call write(tmp_path) then rename onto `path` (atomic on POSIX)."""
-    path = str(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
