@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..commands import console_script
 from ..errors import FSEFTError
 from ..names import dice_by_class
 from .config import BenchmarkConfig
@@ -26,22 +27,6 @@ class Cell:
     @property
     def key(self) -> str:
         return f"{self.method}_k{self.k}_s{self.seed}"
-
-
-def plugin_environment() -> dict:
-    """The caller's environment with the plugin's trainers on nnUNet_extTrainer (appended, never replacing)."""
-    from ..trainer_names import trainers_folder
-    env = dict(os.environ)
-    folders = [f for f in env.get("nnUNet_extTrainer", "").split(os.pathsep) if f]
-    if trainers_folder() not in folders:
-        folders.append(trainers_folder())
-    env["nnUNet_extTrainer"] = os.pathsep.join(folders)
-    return env
-
-
-def console_script(name: str) -> str:
-    here = Path(sys.executable).parent / name
-    return str(here) if here.is_file() else name
 
 
 # Linux keeps a process's peak RSS across fork and exec, so a command forked straight from a driver that holds

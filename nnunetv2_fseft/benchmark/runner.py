@@ -2,13 +2,14 @@
 missing cell (a progress bar over cells), then write results.csv, results.md and dice_vs_k.png."""
 import contextlib
 import io
-import json
 import os
 from pathlib import Path
 
+from ..commands import plugin_environment
 from ..errors import FSEFTError
+from ..files import read_json, write_json
 from ..trainer_names import plugin_trainers, unknown_name
-from .cells import Cell, collect, count_checkpoint_parameters, model_folder, plugin_environment, train_cell, \
+from .cells import Cell, collect, count_checkpoint_parameters, model_folder, train_cell, \
     train_losses, zeroshot_cell
 from .config import BenchmarkConfig
 from .report import write_reports
@@ -48,8 +49,9 @@ def prepare(config: BenchmarkConfig) -> tuple:
     pre = Path(nnUNet_preprocessed) / name
     if not (pre / f"{config.plans_name}.json").is_file():
         prepare_target(name, config.foundation, num_processes=1)
-    table = json.loads((pre / TABLE_FILE).read_text()) if splits_are_ours(str(pre)) else None
-    wanted_query = config.query if isinstance(config.query, int) else json.loads(Path(config.query).read_text())
+    table = read_json(pre / TABLE_FILE) if splits_are_ours(str(pre)) else None
+    wanted_query = config.query if isinstance(config.query, int) else \
+        read_json(config.query, "the config's query names a JSON list of case ids")
     if isinstance(wanted_query, dict):  # an earlier fewshot_splits.json used as the query file
         wanted_query = wanted_query.get("query", [])
     if table is None or not _covers(table, config, wanted_query):
@@ -61,7 +63,7 @@ def prepare(config: BenchmarkConfig) -> tuple:
         except EarlierFoldsChanged as e:
             raise FSEFTError(f"{e}, but models trained on the earlier folds exist (e.g. {trained[0]}); move "
                              f"nnUNet_results/{name} away, or keep the query set of fewshot_splits.json") from None
-    return name, json.loads((pre / "dataset.json").read_text()), table
+    return name, read_json(pre / "dataset.json", "prepare the target again"), table
 
 
 def _trained_folds(name: str) -> list:
@@ -108,9 +110,7 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) 
             records.append(finished_record(config, name, cell, record_file))
             continue
         records.append(_run_cell(config, name, dataset_json, cell, logs / f"{cell.key}.log", env, cells_dir))
-        partial = record_file.with_suffix(".json.partial")  # atomic: a kill mid-write must not break resuming
-        partial.write_text(json.dumps(records[-1], indent=2))
-        os.replace(partial, record_file)
+        write_json(record_file, records[-1])  # atomic: a kill mid-write must not break resuming
         write_reports(config, name, records)
         if on_cell:
             on_cell(records)
@@ -130,7 +130,7 @@ def finished_cells(config: BenchmarkConfig) -> list:
 
 def finished_record(config: BenchmarkConfig, name: str, cell: Cell, record_file: Path) -> dict:
     """A finished cell's record; one written before records kept the learning curve gets it from the model."""
-    record = json.loads(record_file.read_text())
+    record = read_json(record_file, "delete it to run that cell again")
     if cell.method != "zeroshot" and "train_losses" not in record:
         record["train_losses"] = train_losses(model_folder(config, name, cell.trainer) / f"fold_{cell.fold}")
     return record
@@ -143,9 +143,9 @@ def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cell
         if not shared.is_file():
             cost = zeroshot_cell(config, cell.fold, log)
             fold_dir = model_folder(config, name, "FSEFTZeroShot") / f"fold_{cell.fold}"
-            shared.write_text(json.dumps({**collect(config, dataset_json, fold_dir), **cost,
-                                          "trainable_parameters": 0, "adapter_bytes": 0}))
-        return {**base, **json.loads(shared.read_text())}
+            write_json(shared, {**collect(config, dataset_json, fold_dir), **cost,
+                                "trainable_parameters": 0, "adapter_bytes": 0})
+        return {**base, **read_json(shared, "delete it to evaluate the zero-shot cell again")}
     cost = train_cell(config, name, cell, log, env)
     fold_dir = model_folder(config, name, cell.trainer) / f"fold_{cell.fold}"
     record = {**base, **cost, **collect(config, dataset_json, fold_dir)}

@@ -10,7 +10,8 @@ from ..errors import FSEFTError
 from .settings import CONFIGURATION, METHODS, PLANS, SCRATCH, Settings
 from .stages import evaluate, saved_parameters
 from .steps import Progress, done, run_command, run_in_process, save_record
-from .workdir import Workdir, console_script
+from ..commands import console_script
+from .workdir import Workdir
 
 
 @dataclass

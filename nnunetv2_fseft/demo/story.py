@@ -12,7 +12,8 @@ from .settings import CONFIGURATION, FOUNDATION_FOLD, PLANS, PRESET, Settings, d
 from .stages import (assemble, foundation_folder, foundation_scores, link_query, link_user_data, make_synthetic_data,
                      plan, prepare, user_raw_folder, describe_phantoms)
 from .steps import Lanes, Progress, Finished, done, run_command, run_in_process, save_record
-from .workdir import Workdir, jsonable, console_script, environment, nnunet_env, open_workdir
+from ..commands import console_script
+from .workdir import Workdir, jsonable, environment, nnunet_env, open_workdir
 
 
 def run_demo(workdir="fseft_demo", quick: bool = False, data=None, overwrite: bool = False, jobs: int = 1,

@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import shutil
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -108,17 +107,6 @@ def nnunet_env(wd: Workdir) -> dict:
             # seeds the demo trainers (and the FSEFT trainers' new heads), so that two runs print close numbers
             "nnUNet_fseft_seed": os.environ.get("nnUNet_fseft_seed", "0"),
             "PYTHONUNBUFFERED": "1"}
-
-
-def console_script(name: str) -> str:
-    """nnU-Net's console script next to this Python (works without an activated venv), else on PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file():
-        return str(here)
-    found = shutil.which(name)
-    if not found:
-        raise FSEFTError(f"{name} not found next to {sys.executable} or on PATH; install nnunetv2 in this environment")
-    return found
 
 
 @contextlib.contextmanager
