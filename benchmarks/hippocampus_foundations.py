@@ -13,8 +13,8 @@ Methods: FSEFTDecoderLoRATrainer and FSEFTFullFTTrainer from 'model' and 'encode
   python benchmarks/hippocampus_foundations.py WORKDIR [--results DIR] [--report]
 
 Resumable: a cell whose validation/summary.json exists is not trained again; a cell that fails is tried again
-after RETRY_AFTER_S while other cells remain, and on the next run. The 'encoder' cells need
-nnunetv2_fseft.foundations.nnssl; without it they are skipped (and listed as missing) and a later run adds them.
+after RETRY_AFTER_S while other cells remain, and on the next run. The 'encoder' cells need the nnssl writer of
+tests/foundation_files.py; without it they are skipped (and listed as missing) and a later run adds them.
 The 'encoder' target is prepared from the nnssl checkpoint by nnUNetv2_fseft_prepare_target; where that command
 refuses a checkpoint, it is prepared with the model folder's plans (the same network) and the table says so.
 Tables: RESULTS/hippocampus_foundations_cpu.{md,csv}, rewritten after every cell.
@@ -47,11 +47,15 @@ RETRY_AFTER_S = 600  # a failed cell (e.g. a foundation loader not installed yet
 
 
 def nnssl_writer():
-    """nnunetv2_fseft.foundations.nnssl.write_checkpoint, or None where this install lacks it."""
+    """tests/foundation_files.py's write_checkpoint (the nnssl layout, as the tests write it), or None where this
+    checkout lacks it."""
     import importlib
-    importlib.invalidate_caches()  # the module may have been installed since this run started
+    importlib.invalidate_caches()  # the module may have been added since this run started
+    tests = str(HERE.parent / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
     try:
-        from nnunetv2_fseft.foundations.nnssl import write_checkpoint
+        from foundation_files import write_checkpoint
     except ImportError:
         return None
     return write_checkpoint
@@ -194,7 +198,8 @@ def publish(results: Path, rows: list, missing: list, targets: dict, command: st
     details = ("protocol: novel class, a Posterior-only foundation (stock nnU-Net, tiny preset, 75 split-B cases, "
                "1,000 iterations) adapted to Anterior; (a) -pretrained_weights the model folder's "
                "fold_0/checkpoint_final.pth, (b) the same network's encoder (stem included) written with "
-               "nnunetv2_fseft.foundations.nnssl.write_checkpoint and given to -pretrained_weights (decoder and head "
+               "tests/foundation_files.py's write_checkpoint (earlier nnunetv2_fseft.foundations.nnssl's) and given "
+               "to -pretrained_weights (decoder and head "
                "start fresh), (c) FSEFTScratchTrainer (stock nnU-Net, SGD 1e-2, random init). Every cell: 1,000 "
                f"iterations, seed {SEED}, supports K = 1 and 5 from nnunetv2_fseft's few-shot splits of the non-query "
                "cases" + (" (the same cases for (a), (b) and (c))" if same else " (DIFFERENT for (b): see target_*.json)")
@@ -259,7 +264,7 @@ def main(argv=None):
             if start == "encoder" and "encoder" not in targets:
                 writer = nnssl_writer()
                 if writer is None:
-                    missing.append(f"(b) {trainer} K={k}: nnunetv2_fseft.foundations.nnssl is not installed")
+                    missing.append(f"(b) {trainer} K={k}: tests/foundation_files.py has no write_checkpoint")
                     continue
                 targets["encoder"] = prepare(work, "encoder", encoder_checkpoint(work, foundation, writer),
                                              foundation, log)

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import FSEFTError
-from .files import atomic_write, sha256  # noqa: F401 (re-exported for the trainers)
+from .files import atomic_write, write_json
 from .foundations import Foundation, read_foundation
 from .names import foreground_label_names, normalize_class_name
 from .peft import foundation_key, trainable_state
@@ -223,11 +223,6 @@ def weights_sha256(path) -> str:
     return read_foundation(path).weights_sha256
 
 
-def load_foundation(network: torch.nn.Module, path, target_json: dict) -> list:
-    """Load a foundation (model folder, nnU-Net or nnssl checkpoint) into an (adapted) network. Returns log lines."""
-    return apply_foundation(network, read_foundation(path), target_json).lines
-
-
 def _redraw_fresh_decoder(network: torch.nn.Module, seed: str) -> None:
     """An encoder-only foundation's decoder starts fresh. Its convolutions are drawn as nnU-Net's InitWeights_He
     draws them, from a generator seeded by the foundation's digest: a method that keeps them frozen (opt-in) then
@@ -313,7 +308,7 @@ def save_adapter(network: torch.nn.Module, folder, config: dict) -> None:
     folder = Path(folder)
     tensors = {k: v.detach().cpu().contiguous() for k, v in trainable_state(network).items()}
     atomic_write(folder / "adapter.safetensors", lambda tmp: save_file(tensors, tmp))
-    atomic_write(folder / "adapter.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    write_json(folder / "adapter.json", config)
 
 
 def read_adapter(folder) -> tuple:

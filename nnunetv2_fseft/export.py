@@ -3,16 +3,16 @@
 A merged export predicts with stock nnU-Net (trainer_name 'nnUNetTrainer', no plugin needed). An adapter
 export holds the trained tensors + a pointer to the foundation; `apply_adapter` rebuilds the model folder.
 """
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoints import (apply_foundation, atomic_write, load_adapter_tensors, read_adapter, save_adapter,
-                          sha256)
+from .checkpoints import apply_foundation, load_adapter_tensors, read_adapter, save_adapter
 from .errors import FSEFTError
+from .files import atomic_write, sha256
 from .foundations import read_foundation
+from .foundations.nnunet import read_model_json
 from .networks import build_adapted_network
 from .peft import METHODS, is_mergeable, merge_peft
 
@@ -25,10 +25,7 @@ def _model_json(folder: Path, name: str) -> dict:
     if not path.is_file():
         raise FSEFTError(f"{folder} is not an nnU-Net model folder (no {name}); pass "
                          "nnUNet_results/DatasetX/TRAINER__PLANS__CONFIG")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise FSEFTError(f"{path} is not valid JSON ({e}); fix: copy the model folder again from its source") from None
+    return read_model_json(path)
 
 
 def _folds(folder: Path, required: str) -> list:

@@ -7,16 +7,17 @@ model folder (trainer_name 'nnUNetTrainer') that nnU-Net's predictor runs on the
 evaluation scores them. Files land where an FSEFT trainer's final validation would put them:
   nnUNet_results/DatasetT/FSEFTZeroShot__PLANS__CONFIG/fold_F/validation/summary.json
 """
-import json
 import shutil
 from pathlib import Path
 
 import torch
 
-from .checkpoints import apply_foundation, atomic_write, channel_names
-from .foundations import read_foundation
+from .checkpoints import apply_foundation, channel_names
 from .errors import FSEFTError
 from .export import STOCK_TRAINER
+from .files import atomic_write, read_json, write_json
+from .foundations import read_foundation
+from .foundations.nnunet import read_model_json
 from .networks import build_plain_network
 
 TRAINER_NAME = "FSEFTZeroShot"
@@ -31,7 +32,7 @@ def _foundation_files(model_folder: Path, fold) -> tuple:
     if not checkpoint.is_file():
         raise FSEFTError(f"{checkpoint} does not exist; train the foundation's fold {fold} first or pass "
                          "--foundation_fold")
-    return json.loads((model_folder / "plans.json").read_text()), checkpoint
+    return read_model_json(model_folder / "plans.json"), checkpoint
 
 
 def _target(target) -> tuple:
@@ -44,7 +45,7 @@ def _target(target) -> tuple:
     raw = Path(nnUNet_raw) / name
     if not (raw / "dataset.json").is_file():
         raise FSEFTError(f"{raw} has no dataset.json; the target must be an nnU-Net raw dataset")
-    return name, raw, json.loads((raw / "dataset.json").read_text())
+    return name, raw, read_json(raw / "dataset.json", "fix: repair the file")
 
 
 def query_cases(name: str, raw: Path, dataset_json: dict, fold: int) -> list:
@@ -55,7 +56,7 @@ def query_cases(name: str, raw: Path, dataset_json: dict, fold: int) -> list:
     splits_file = Path(nnUNet_preprocessed) / name / "splits_final.json"
     if not splits_file.is_file():
         return sorted(cases)
-    splits = json.loads(splits_file.read_text())
+    splits = read_json(splits_file, "write the few-shot splits again (nnUNetv2_fseft_fewshot_splits)")
     if fold >= len(splits):
         raise FSEFTError(f"{splits_file} has {len(splits)} folds, no fold {fold}; pass -f 0..{len(splits) - 1}")
     return list(splits[fold]["val"])
@@ -89,8 +90,8 @@ def build_zeroshot_model(foundation_folder, target, fold: int = 0, foundation_fo
         raise FSEFTError(f"{fold_dir} exists; pass --overwrite to redo the zero-shot baseline")
     shutil.rmtree(fold_dir, ignore_errors=True)
     fold_dir.mkdir(parents=True)
-    (out / "plans.json").write_text(json.dumps(plans, indent=2))
-    (out / "dataset.json").write_text(json.dumps(target_json, indent=2))
+    write_json(out / "plans.json", plans)
+    write_json(out / "dataset.json", target_json)
     checkpoint = torch.load(checkpoint_file, map_location="cpu", weights_only=False)  # read_foundation vetted it
     init_args = dict(checkpoint.get("init_args", {}), dataset_json=target_json, fold=fold)
     saved = {**checkpoint, "network_weights": network.state_dict(), "optimizer_state": None,

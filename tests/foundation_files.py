@@ -1,8 +1,17 @@
-"""Foundation files the tests write themselves: nnssl checkpoints in the published layout (by hand, not through
-the plugin's writer) and nnU-Net checkpoints, at a tiny size set through arch_kwargs."""
+"""Foundation files the tests write themselves: nnssl checkpoints in the published layout (by hand, and through
+write_checkpoint, which benchmarks/hippocampus_foundations.py also uses) and nnU-Net checkpoints, at a tiny size set
+through arch_kwargs; and load_foundation, a foundation file put into a network in one call."""
+from pathlib import Path
+
 import torch
 
-from nnunetv2_fseft.foundations.architectures import build_network
+from nnunetv2_fseft.checkpoints import apply_foundation
+from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.files import atomic_write
+from nnunetv2_fseft.foundations import read_foundation
+from nnunetv2_fseft.foundations.architectures import SUPPORTED_CLASSES, build_network, resolve_architecture
+from nnunetv2_fseft.foundations.description import strip_prefix
+from nnunetv2_fseft.foundations.nnssl import PLAN_KEY, stem_keys
 
 CITATION = {"type": "paper", "name": "Tiny SSL encoder", "apa_citations": ["Doe, J. (2026). A tiny encoder."]}
 
@@ -47,4 +56,58 @@ def nnssl_by_hand(path, network, architecture: dict, arch_class_name: str = "Res
     }
     plan.update(overrides)
     torch.save({"network_weights": weights, "citations": [CITATION], "nnssl_adaptation_plan": plan}, path)
+    return path
+
+
+def load_foundation(network: torch.nn.Module, path, target_json: dict) -> list:
+    """Load a foundation (model folder, nnU-Net or nnssl checkpoint) into an (adapted) network. Returns log lines."""
+    return apply_foundation(network, read_foundation(path), target_json).lines
+
+
+def write_checkpoint(path, *, network_weights: dict, architecture, spacing, normalization_schemes, patch_size,
+                     citations=()) -> Path:
+    """Write weights in the published nnssl layout (read back by read_foundation as an encoder-only foundation).
+
+    architecture: "ResEncL" or nnU-Net plans style {network_class_name, arch_kwargs, _kw_requires_import}.
+    network_weights: a state dict of the network; the `decoder.encoder.*` aliases are added where missing."""
+    weights = {k: v.detach().cpu().clone() for k, v in strip_prefix(network_weights).items()}
+    for key in [k for k in weights if k.startswith("encoder.")]:
+        weights.setdefault("decoder." + key, weights[key])  # the decoder holds the encoder again
+    if isinstance(architecture, str):
+        plans = {"arch_class_name": architecture, "arch_kwargs": None, "arch_kwargs_requiring_import": None}
+    else:
+        name = architecture["network_class_name"]
+        short = next((s for s, full in SUPPORTED_CLASSES.items() if full == name), name)
+        plans = {"arch_class_name": short, "arch_kwargs": dict(architecture["arch_kwargs"]),
+                 "arch_kwargs_requiring_import": list(architecture.get("_kw_requires_import") or [])}
+    resolved = resolve_architecture(plans, path)
+    stem, in_proj = stem_keys(resolved)
+    for a, b in (in_proj, in_proj[::-1]):  # the stem conv under both of its names
+        for suffix in (".weight", ".bias"):
+            if a + suffix in weights:
+                weights.setdefault(b + suffix, weights[a + suffix])
+    first = weights.get(in_proj[0] + ".weight")
+    if first is None:
+        raise FSEFTError(f"network_weights has no '{in_proj[0]}.weight' (the stem conv of "
+                         f"{resolved['network_class_name'].split('.')[-1]}); pass the state dict of that network")
+    checkpoint = {
+        "network_weights": weights,
+        "citations": [dict(c) for c in citations],
+        PLAN_KEY: {
+            "architecture_plans": plans,
+            "pretrain_plan": {"configurations": {"pretrain": {
+                "spacing": None if spacing is None else [float(s) for s in spacing],
+                "spacing_style": "like_pretrained", "normalization_schemes": list(normalization_schemes),
+                "use_mask_for_norm": [False] * len(normalization_schemes),
+                "patch_size": [int(p) for p in patch_size]}}},
+            "pretrain_num_input_channels": int(first.shape[1]),
+            "recommended_downstream_patchsize": [int(p) for p in patch_size],
+            "key_to_encoder": "encoder.stages", "key_to_stem": stem, "keys_to_in_proj": list(in_proj),
+            "key_to_lpe": None,
+        },
+    }
+    path = Path(path)
+    if path.exists():
+        raise FSEFTError(f"{path} exists; choose another file name or remove it first")
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
     return path

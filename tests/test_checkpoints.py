@@ -4,10 +4,12 @@ import math
 import pytest
 import torch
 
-from nnunetv2_fseft.checkpoints import load_foundation, map_heads, sha256, weights_sha256
+from nnunetv2_fseft.checkpoints import map_heads, weights_sha256
 from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.files import sha256
 from nnunetv2_fseft.peft import apply_peft
 
+from foundation_files import load_foundation
 from networks import tiny_unet
 
 PRIOR_LOGIT = math.log(0.01 / 0.99)

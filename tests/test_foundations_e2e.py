@@ -12,10 +12,10 @@ import torch
 from nnunetv2_fseft.checkpoints import read_adapter
 from nnunetv2_fseft.export import apply_adapter, export_model
 from nnunetv2_fseft.foundations import read_foundation
-from nnunetv2_fseft.foundations.nnssl import write_checkpoint
 from nnunetv2_fseft.planning import prepare_target
 from nnunetv2_fseft.synthetic import write_phantom_dataset
-from foundation_files import CITATION, tiny_architecture, tiny_network
+
+from foundation_files import CITATION, tiny_architecture, tiny_network, write_checkpoint
 
 CPU = torch.device("cpu")
 OPT_IN = "nnUNet_fseft_allow_untrained_decoder"

@@ -151,7 +151,7 @@ def test_mapped_stem_merges_exactly_and_an_adapter_file_rebuilds_it(tmp_path):
 @pytest.mark.skipif(os.environ.get("FSEFT_SLOW_TESTS") != "1", reason="builds the real ResEnc-L (FSEFT_SLOW_TESTS=1)")
 def test_real_resenc_l_loads_448_of_448_encoder_tensors_and_they_matter(tmp_path):
     from nnunetv2_fseft.foundations.architectures import RESENC_L
-    from nnunetv2_fseft.foundations.nnssl import write_checkpoint
+    from foundation_files import write_checkpoint
     source = build_network(RESENC_L, 1, 2)
     with torch.no_grad():  # as after training: ResEnc starts each block's last norm at 0, which hides its convs
         for module in source.modules():

@@ -8,9 +8,8 @@ import torch
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.foundations import read_foundation
 from nnunetv2_fseft.foundations.architectures import RESENC_L, build_network
-from nnunetv2_fseft.foundations.nnssl import write_checkpoint
 
-from foundation_files import CITATION, nnssl_by_hand, tiny_architecture, tiny_network
+from foundation_files import CITATION, nnssl_by_hand, tiny_architecture, tiny_network, write_checkpoint
 
 
 class NotPlainData:

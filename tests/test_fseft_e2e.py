@@ -11,9 +11,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_fseft.checkpoints import read_adapter, sha256, weights_sha256
+from nnunetv2_fseft.checkpoints import read_adapter, weights_sha256
 from nnunetv2_fseft.errors import FSEFTError
 from nnunetv2_fseft.export import apply_adapter, export_model
+from nnunetv2_fseft.files import sha256
 from nnunetv2_fseft.peft import METHODS
 from nnunetv2_fseft.planning import prepare_target
 from phantom_world import foundation_and_target, model_folder as _model_folder

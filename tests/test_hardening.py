@@ -23,13 +23,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunetv2_fseft.checkpoints import (atomic_write, load_foundation, read_adapter, save_adapter, sha256,
-                                       weights_sha256)
+from nnunetv2_fseft.checkpoints import read_adapter, save_adapter, weights_sha256
 from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.files import atomic_write, sha256
 from nnunetv2_fseft.networks import build_adapted_network, build_plain_network
 from nnunetv2_fseft.peft import resolved_options
 from nnunetv2_fseft.synthetic import write_phantom_dataset
 
+from foundation_files import load_foundation
 from networks import tiny_unet
 
 BIN = Path(sys.executable).parent
@@ -527,7 +528,7 @@ def test_atomic_write_survives_kill_9_mid_write(tmp_path):
     """SIGKILL runs no cleanup at all: the previous file must still be the one nnU-Net finds."""
     path = tmp_path / "adapter.json"
     path.write_text('{"v": 1}')
-    code = ("import sys, time; from nnunetv2_fseft.checkpoints import atomic_write\n"
+    code = ("import sys, time; from nnunetv2_fseft.files import atomic_write\n"
             "def slow(tmp):\n    f = open(tmp, 'w'); f.write('{\"v\": 2, \"half'); f.flush(); print('writing', flush=True)\n"
             "    time.sleep(60)\n"
             f"atomic_write({str(path)!r}, slow)\n")

@@ -10,12 +10,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from foundation_files import tiny_architecture, tiny_network
+from foundation_files import tiny_architecture, tiny_network, write_checkpoint
 from nnunetv2_fseft.export import export_model
 from nnunetv2_fseft.foundation_plans import MemoryEstimate, fit_patch, total_stride
 from nnunetv2_fseft.foundations import read_foundation
 from nnunetv2_fseft.foundations.architectures import RESENC_L
-from nnunetv2_fseft.foundations.nnssl import write_checkpoint
 from nnunetv2_fseft.synthetic import write_phantom_dataset
 from phantom_world import model_folder
 

@@ -15,7 +15,6 @@ $nnUNet_raw/DatasetXXX/splits_final.json over a missing preprocessed one and ass
 matches it, so re-planning fails if such a raw file disagrees with these splits. Preprocessing leaves
 splits_final.json alone.
 """
-import json
 import os
 import shutil
 import sys
@@ -23,6 +22,7 @@ import sys
 import numpy as np
 
 from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.files import read_json, write_json
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
 
 SPLITS_FILE = "splits_final.json"
@@ -38,19 +38,6 @@ class EarlierFoldsChanged(FSEFTError):
 
 def _warn(message: str) -> None:
     print(f"nnunetv2_fseft: warning: {message}", file=sys.stderr)
-
-
-def _load_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
-def _save_json(obj, path: str) -> None:
-    # write-then-rename, so a crash never leaves a half-written split file for nnU-Net to read
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def resolve_dataset(dataset) -> tuple:
@@ -141,10 +128,7 @@ def list_case_ids(preprocessed: str, raw, dataset_json: dict) -> tuple:
 
 def load_query_file(path: str, cases: list) -> list:
     """A JSON list of case ids (or an object with a 'query' list, e.g. an old fewshot_splits.json)."""
-    try:
-        data = _load_json(path)
-    except (OSError, ValueError) as e:
-        raise FSEFTError(f"cannot read query file {path}: {e}")
+    data = read_json(path, "pass a JSON list of case ids as --query-file")
     if isinstance(data, dict):
         data = data.get("query")
     if not isinstance(data, list) or not data or not all(isinstance(c, str) for c in data):
@@ -186,10 +170,10 @@ def splits_are_ours(folder: str) -> bool:
     if not (os.path.isfile(splits) and os.path.isfile(table)):
         return False
     try:
-        t = _load_json(table)
+        t = read_json(table)
         expected = [{"train": f["train"], "val": t["query"]} for f in t["folds"]]
-        return [{"train": s["train"], "val": s["val"]} for s in _load_json(splits)] == expected
-    except (ValueError, KeyError, TypeError):
+        return [{"train": s["train"], "val": s["val"]} for s in read_json(splits)] == expected
+    except (FSEFTError, KeyError, TypeError):
         return False
 
 
@@ -198,7 +182,7 @@ def _earlier_folds(preprocessed: str, query: list, pool: list, keep_earlier: boo
     (the case list may have changed since). Otherwise [] (and they are replaced, with a warning) or an error."""
     if not splits_are_ours(preprocessed):
         return []
-    table = _load_json(os.path.join(preprocessed, TABLE_FILE))
+    table = read_json(os.path.join(preprocessed, TABLE_FILE))
     folds = table["folds"]
     if table["query"] == query and all(f["train"] == draw_supports(pool, f["k"], f["seed"]) for f in folds):
         return folds
@@ -317,8 +301,9 @@ def write_fewshot_splits(dataset, ks, seeds, n_query=None, query_file=None, targ
     table = {"dataset": name, "source": source, "ks": sorted({f["k"] for f in folds}),
              "seeds": sorted({f["seed"] for f in folds}), "query_seed": query_seed,
              "folds": folds, "query": query}
-    _save_json(table, os.path.join(preprocessed, TABLE_FILE))
-    _save_json(new_splits, splits_path)
+    # written atomically, so a crash never leaves a half-written split file for nnU-Net to read
+    write_json(os.path.join(preprocessed, TABLE_FILE), table)
+    write_json(splits_path, new_splits)
     return dict(table, splits_file=splits_path, missing_classes=missing)
 
 

@@ -5,7 +5,6 @@ its final place and renamed only when complete, so an error never leaves half a 
 sources are only ever read (images are linked, label maps are written anew).
 """
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -16,6 +15,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from nnunetv2_fseft.errors import FSEFTError
+from nnunetv2_fseft.files import read_json, write_json
 
 # Formats SimpleITK reads and writes with geometry; nnU-Net's other readers (png, tif) are out of scope.
 SITK_FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
@@ -59,10 +59,7 @@ def load_dataset_json(folder: Path) -> dict:
     if not path.is_file():
         raise FSEFTError(f"{folder} has no dataset.json; fix: point at an nnU-Net raw dataset folder "
                          f"(imagesTr/, labelsTr/, dataset.json)")
-    try:
-        dataset_json = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise FSEFTError(f"{path} is not valid JSON ({e}); fix: repair the file") from None
+    dataset_json = read_json(path, "fix: repair the file")
     if not isinstance(dataset_json, dict):
         raise FSEFTError(f"{path} is not a JSON object; fix: write it as nnU-Net's dataset_format.md shows")
     for key in ("channel_names", "labels", "file_ending"):
@@ -318,7 +315,7 @@ def _refuse_id_clash(dataset_id: int, folder_name: str):
 
 
 def write_dataset_json(folder: Path, dataset_json: dict):
-    (Path(folder) / "dataset.json").write_text(json.dumps(dataset_json, indent=2, sort_keys=False) + "\n")
+    write_json(Path(folder) / "dataset.json", dataset_json)
 
 
 def remap_label_file(case: str, images: List[Path], label: Path, lut: Dict[int, int], out_label: Path) -> set:

@@ -1,7 +1,6 @@
 """Running the demo's steps: one progress line each, output in logs/<step>.log, a record in steps/<step>.json
 (a re-run skips finished steps), errors as one line naming the log; lanes to run steps side by side."""
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import FSEFTError
+from ..files import read_json, write_json
 from .workdir import Workdir
 
 
@@ -106,19 +106,15 @@ def _last_error(log: Path) -> str:
 
 
 def done(wd: Workdir, step: str) -> Optional[dict]:
-    path = wd.record(step)
-    if path.is_file():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            return None
-    return None
+    """A finished step's record; None when the step has not run (or its record is unreadable: it runs again)."""
+    try:
+        return read_json(wd.record(step))
+    except FSEFTError:
+        return None
 
 
 def save_record(wd: Workdir, step: str, record: dict) -> dict:
-    tmp = wd.record(step).with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, wd.record(step))
+    write_json(wd.record(step), record)
     return record
 
 

@@ -1,10 +1,10 @@
 """nnU-Net v2 foundations: a model folder (plans.json, dataset.json, fold_X/checkpoint_final.pth) or one of its
 checkpoints. The network is rebuilt from the plans alone, so the trainer class a checkpoint names need not be
 importable here."""
-import json
 from pathlib import Path
 
 from ..errors import FSEFTError
+from ..files import read_json
 from .description import Foundation, strip_prefix, weights_digest
 
 
@@ -19,10 +19,7 @@ def folder_checkpoint(folder: Path) -> Path:
 
 def read_model_json(path: Path) -> dict:
     """A model folder's plans.json / dataset.json, or one line naming the broken file."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FSEFTError(f"{path} is not valid JSON ({e}); fix: copy the model folder again from its source") from None
+    data = read_json(path, "fix: copy the model folder again from its source")
     if not isinstance(data, dict):
         raise FSEFTError(f"{path} is not a JSON object; fix: copy the model folder again from its source")
     return data

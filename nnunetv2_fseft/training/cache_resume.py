@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoints import atomic_write
+from ..files import atomic_write
 from .feature_cache import SPILL_PREFIX, FeatureCache, final_head
 
 FORMAT = "nnunetv2_fseft.feature_cache/1"

@@ -1,7 +1,6 @@
 """FSEFTTrainer: nnU-Net's trainer with a PEFT method plugged in. A method is chosen by class attributes,
 so each trainer in trainers/ is a declaration (method, learning rate), and a user's schedule override is a
 tiny subclass, as with nnU-Net's own variants."""
-import json
 import os
 from pathlib import Path
 
@@ -11,9 +10,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpoints import apply_foundation, atomic_write, is_head_key, save_adapter, sha256, train_input_projection
-from ..foundations import read_foundation
+from ..checkpoints import apply_foundation, is_head_key, save_adapter, train_input_projection
 from ..errors import FSEFTError, fail
+from ..files import atomic_write, read_json, sha256, write_json
+from ..foundations import read_foundation
 from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
@@ -120,7 +120,7 @@ class FSEFTTrainer(nnUNetTrainer):
         # --c never sees -pretrained_weights: a stem that trained because of its channel mapping trains on
         # (nnU-Net pops plans["continue_training"] in __init__; its logger keeps it as `resume`)
         if getattr(self.logger, "resume", False) and self._foundation_file().is_file():
-            if json.loads(self._foundation_file().read_text()).get("stem_trains"):
+            if self._foundation_record().get("stem_trains"):
                 train_input_projection(self.plain_network())
                 self.optimizer, self.lr_scheduler = self.configure_optimizers()
 
@@ -161,10 +161,16 @@ class FSEFTTrainer(nnUNetTrainer):
                    "weights_sha256": foundation.weights_sha256, "source": foundation.source,
                    "parts": foundation.parts, "input_channels": report.channel_rule, "stem_trains": report.stem_trains,
                    "citations": foundation.citations}
-        atomic_write(self._foundation_file(), lambda tmp: Path(tmp).write_text(json.dumps(pointer, indent=2)))
+        write_json(self._foundation_file(), pointer)
 
     def _foundation_file(self) -> Path:
         return Path(self.output_folder) / "foundation.json"
+
+    def _foundation_record(self):
+        """What load_foundation recorded in foundation.json (None: no -pretrained_weights in this folder)."""
+        if not self._foundation_file().is_file():
+            return None
+        return read_json(self._foundation_file(), "train the fold again from -pretrained_weights, without --c")
 
     def on_train_start(self):
         super().on_train_start()
@@ -225,7 +231,7 @@ class FSEFTTrainer(nnUNetTrainer):
         return optimizer, GroupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
     def adapter_config(self) -> dict:
-        foundation = json.loads(self._foundation_file().read_text()) if self._foundation_file().is_file() else None
+        foundation = self._foundation_record()
         axes = self.inference_allowed_mirroring_axes
         trainable, total = count_parameters(self.plain_network())
         peak_cuda = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
