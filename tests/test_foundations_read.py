@@ -40,6 +40,22 @@ def test_fixed_name_resencl_expands_to_the_published_topology(tmp_path):
     assert len([k for k in network.state_dict() if k.startswith("encoder.")]) == 448
 
 
+def test_nnssl_noskip_resencl_reads_as_resencl_its_decoder_ignored(tmp_path):
+    """nnssl's NoSkipResEncL is ResEnc L's encoder with a decoder without skips: only the encoder is loaded."""
+    from nnunetv2_fseft.foundations.architectures import resolve_architecture
+    assert resolve_architecture({"arch_class_name": "NoSkipResEncL"}, "x.pth") == RESENC_L
+    architecture = tiny_architecture()
+    network = tiny_network(architecture)
+    path = nnssl_by_hand(tmp_path / "noskip.pth", network, architecture, arch_class_name="NoSkipResEncL")
+    checkpoint = torch.load(path, weights_only=True)
+    # a decoder stage that takes no skip: half the input channels of the U-Net's; never read
+    checkpoint["network_weights"]["decoder.stages.0.convs.0.conv.weight"] = torch.zeros(8, 8, 3, 3, 3)
+    torch.save(checkpoint, path)
+    foundation = read_foundation(path)
+    assert foundation.architecture["network_class_name"].endswith(".ResidualEncoderUNet")
+    assert foundation.weights.keys() == {k for k in network.state_dict() if k.startswith("encoder.")}
+
+
 def test_writer_round_trip_plainconv_stem_under_both_names(tmp_path):
     architecture = tiny_architecture("PlainConvUNet")
     network = tiny_network(architecture)
@@ -117,7 +133,8 @@ def test_an_nnssl_file_that_needs_unpickling_is_refused_without_running_it(tmp_p
 
 @pytest.mark.parametrize("name, pattern", [
     ("PrimusM", r"'PrimusM' is a Primus vision transformer, out of scope here.*supported: 'ResEncL'"),
-    ("ResEncM", r"architecture 'ResEncM' is not one the plugin builds; supported: 'ResEncL' \(fixed name\) or a "
+    ("ResEncM", r"architecture 'ResEncM' is not one the plugin builds; supported: 'ResEncL' or 'NoSkipResEncL' \(fixed names; "
+                r"the encoder of both is ResEnc L's\) or a "
                 r"dynamic-network-architectures ResidualEncoderUNet / PlainConvUNet"),
     ("dynamic_network_architectures.architectures.unet.ResidualUNet", r"is not one the plugin builds"),
 ])

@@ -24,9 +24,12 @@ RESENC_L = {
     },
     "_kw_requires_import": list(REQUIRES_IMPORT),
 }
-FIXED_NAMES = {"ResEncL": RESENC_L}
-SUPPORTED_TEXT = ("supported: 'ResEncL' (fixed name) or a dynamic-network-architectures ResidualEncoderUNet / "
-                  "PlainConvUNet with arch_kwargs")
+# nnssl's "NoSkipResEncL" (nnssl.architectures.get_network_by_name: ResidualEncoderUNet_noskip, for PCRLv2-style
+# pre-training) has exactly ResEnc L's encoder and only a decoder without skip connections; only the encoder is
+# loaded (the decoder starts fresh for every nnssl foundation), so it reads as ResEnc L.
+FIXED_NAMES = {"ResEncL": RESENC_L, "NoSkipResEncL": RESENC_L}
+SUPPORTED_TEXT = ("supported: 'ResEncL' or 'NoSkipResEncL' (fixed names; the encoder of both is ResEnc L's) or a "
+                  "dynamic-network-architectures ResidualEncoderUNet / PlainConvUNet with arch_kwargs")
 
 
 def resolve_architecture(plan: dict, path) -> dict:
