@@ -5,11 +5,14 @@ After every step the trainable parameters are identical on both ranks (and the r
 batches, so that equality comes from gradient averaging), frozen ones are untouched, only rank 0 writes
 checkpoints and adapter files, and a trainer resumed from checkpoint_latest.pth (`--c`) holds the saved
 weights and trains on in step. The cached black-box step runs its head outside DDP's wrapper; its gradients are
-averaged in training/optim_step.py: the linear probe is run with and without the cache.
+averaged in training/optim_step.py: the linear probe is run with and without the cache, and cached on a BatchNorm
+network (nnU-Net makes it SyncBatchNorm under DDP), whose frozen running statistics must not move. A `--c` of a run
+whose stem trains (its input channels were mapped) trains the stem in step on both ranks.
 
 Test-only seam: nnU-Net moves a DDP trainer to CUDA and wraps DDP with device_ids; here the trainer's device
-is set back to the CPU right after construction and nnU-Net's `DDP` name wraps without device_ids. The
-production path is nnU-Net's, unchanged."""
+is set back to the CPU right after construction and nnU-Net's `DDP` name wraps without device_ids, and without
+torch's refusal of SyncBatchNorm in a CPU module (a SyncBatchNorm in eval mode never syncs; in train mode it raises
+on CPU, where a GPU would sync). The production path is nnU-Net's, unchanged."""
 import json
 import os
 import time
@@ -43,10 +46,26 @@ def _trainer_classes() -> dict:
     class LoRATI(FSEFTLoRATITrainer):
         ti_warmup_epochs = 0  # the size prior from the first step
 
+    class LinearProbeCachedBN(LinearProbeCached):
+        """Trained on the BatchNorm plans (see _batchnorm_plans)."""
+
+    class StemResumed(FSEFTLoRATrainer):
+        """Its own results folder, for the foundation.json of a run whose stem trained."""
+
     return {"full": FSEFTFullFTTrainer, "decoder": FSEFTDecoderTrainer, "lora": FSEFTLoRATrainer,
             "cnn_adapter": FSEFTCNNAdapterTrainer, "adaptformer": FSEFTAdaptFormerTrainer,
             "linear_probe_cached": LinearProbeCached, "spatial_adapter_cached": SpatialAdapterCached,
-            "linear_probe_uncached": FSEFTLinearProbeNoCacheTrainer, "lora_ti": LoRATI, "multitalent": MultiTalentTrainer}
+            "linear_probe_uncached": FSEFTLinearProbeNoCacheTrainer, "lora_ti": LoRATI, "multitalent": MultiTalentTrainer,
+            "linear_probe_cached_bn": LinearProbeCachedBN, "stem_resumed": StemResumed}
+
+
+def _batchnorm_plans(args) -> tuple:
+    """The same plans with BatchNorm3d in place of InstanceNorm3d."""
+    plans, dataset_json = args
+    plans = json.loads(json.dumps(plans))
+    kwargs = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
+    kwargs["norm_op"], kwargs["norm_op_kwargs"] = "torch.nn.modules.batchnorm.BatchNorm3d", {"eps": 1e-5, "affine": True}
+    return plans, dataset_json
 
 
 RESUMED = ("lora", "linear_probe_cached", "multitalent")  # --c is the same nnU-Net code for every family
@@ -56,8 +75,12 @@ def _cpu_ddp_seam() -> None:
     import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as base
     from torch.nn.parallel import DistributedDataParallel
 
+    class CpuDDP(DistributedDataParallel):
+        def _passing_sync_batchnorm_handle(self, module):
+            pass
+
     def cpu_ddp(module, device_ids=None, **kwargs):
-        return DistributedDataParallel(module, **kwargs)
+        return CpuDDP(module, **kwargs)
 
     base.DDP = cpu_ddp
 
@@ -143,15 +166,46 @@ def _save_on_rank_zero_only(trainer, name, rank):
     return saved
 
 
+def _stem_resumed(name, cls, args, rank, timings):
+    """--c of a run whose foundation.json says the stem trains: the stem is trainable before DDP wraps the network,
+    so its gradients are averaged and both ranks' stems stay equal (before, it turned trainable after the wrap)."""
+    from nnunetv2_fseft.checkpoints import input_projection
+    resumed = _new_trainer(cls, args, resume=True)
+    if rank == 0:
+        Path(resumed.output_folder).mkdir(parents=True, exist_ok=True)
+        (Path(resumed.output_folder) / "foundation.json").write_text(json.dumps({"stem_trains": True}))
+    dist.barrier()
+    resumed.initialize()
+    stem = input_projection(_plain(resumed)).weight
+    assert stem.requires_grad, f"{name}: the stem does not train on --c"
+    assert any(p is stem for p in resumed.network.parameters() if p.requires_grad), name
+    _start_epoch(resumed)
+    before = stem.detach().clone()
+    times = []
+    _steps(resumed, 2, name, [], times)  # every trainable parameter, the stem included, equal on both ranks
+    timings[name] = times
+    assert not torch.equal(stem.detach(), before), f"{name}: the stem did not move"
+
+
+def _running_stats(network) -> torch.Tensor:
+    return _flat(b.float() for n, b in network.named_buffers() if "running_" in n)
+
+
 def _family(name, cls, args, rank, timings):
-    trainer = _new_trainer(cls, args)
+    if name == "stem_resumed":
+        return _stem_resumed(name, cls, args, rank, timings)
+    trainer = _new_trainer(cls, _batchnorm_plans(args) if name.endswith("_bn") else args)
     trainer.initialize()
     assert trainer.is_ddp and isinstance(trainer.network, torch.nn.parallel.DistributedDataParallel), name
     _, frozen = _split(_plain(trainer))
     frozen_before = _flat(frozen).clone()
+    stats_before = _running_stats(_plain(trainer)).clone()
+    if name.endswith("_bn"):
+        assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in _plain(trainer).modules()), name
+        assert stats_before.numel() > 0, name
     _start_epoch(trainer)
     cached = getattr(trainer, "feature_cache", None) is not None
-    assert cached == name.endswith("_cached"), f"{name}: feature cache {'on' if cached else 'off'}"
+    assert cached == ("_cached" in name), f"{name}: feature cache {'on' if cached else 'off'}"
     losses, times = [], []
     n = STEPS + (3 if name.startswith("linear_probe") else 0)  # more steps to time for the cache decision
     _steps(trainer, n, name, losses, times)
@@ -159,6 +213,8 @@ def _family(name, cls, args, rank, timings):
     if cached:
         assert trainer.feature_cache.encoded_batches < n, f"{name}: no step drew from the pool"
     assert torch.equal(_flat(frozen), frozen_before), f"{name}: a frozen parameter moved"
+    if cached:  # the frozen trunk runs in eval mode: BatchNorm's running statistics stay as loaded
+        assert torch.equal(_running_stats(_plain(trainer)), stats_before), f"{name}: running statistics moved"
     mine = torch.tensor(losses, dtype=torch.float64)
     a, b = _gather(mine)
     assert not torch.equal(a, b), f"{name}: both ranks saw the same batches, equality proves nothing"
@@ -230,7 +286,7 @@ def ddp_run(dataset, nnunet_env, tmp_path_factory) -> dict:
 
 
 FAMILIES = ["full", "decoder", "lora", "cnn_adapter", "adaptformer", "linear_probe_cached", "spatial_adapter_cached",
-            "linear_probe_uncached", "lora_ti", "multitalent"]
+            "linear_probe_uncached", "lora_ti", "multitalent", "linear_probe_cached_bn", "stem_resumed"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -43,11 +43,18 @@ def is_black_box(network: nn.Module) -> bool:
 
 def trunk_features(network: nn.Module, data: torch.Tensor) -> torch.Tensor:
     """The input of the final head: the network's final decoder features. Runs the network under no_grad and
-    stops before the head (a pre-hook on it raises), so neither the head nor a graph is computed."""
+    stops before the head (a pre-hook on it raises), so neither the head nor a graph is computed.
+
+    The frozen trunk runs in eval mode, as it will at inference: BatchNorm uses and keeps its running statistics
+    (in train mode it would update them, and under DDP nnU-Net's SyncBatchNorm would issue a collective that the
+    other ranks, filling their pools at other steps, never join: a hang). nnU-Net's InstanceNorm and a network
+    without dropout give the same features in both modes."""
     def stop(module, args):
         raise _Stop(args[0])
 
     handle = final_head(network).register_forward_pre_hook(stop)
+    was_training = network.training
+    network.eval()
     try:
         with torch.no_grad():
             network(data)
@@ -55,6 +62,7 @@ def trunk_features(network: nn.Module, data: torch.Tensor) -> torch.Tensor:
         return s.features
     finally:
         handle.remove()
+        network.train(was_training)
     raise RuntimeError("the network's forward never reached its final segmentation head")
 
 

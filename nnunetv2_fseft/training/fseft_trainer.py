@@ -67,14 +67,17 @@ class FSEFTTrainer(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        # a user's subclass with a typo in peft_method or peft_options: one line from nnUNetv2_train before anything
+        # is set up, not a KeyError traceback from inside nnU-Net's initialize()
+        try:
+            resolved_options(self.peft_method, self.peft_options)
+        except KeyError as e:
+            raise fail(f"{type(self).__name__}: {e.args[0]}") from None
         super().__init__(plans, configuration, fold, dataset_json, device)
         apply_schedule(self)
         self.weight_decay = self.weight_decay_fseft
         # deep supervision only where every head trains; black-box methods train the last head only
-        try:
-            self.enable_deep_supervision = get_method(self.peft_method).deep_supervision
-        except KeyError as e:  # a user's subclass with a typo: one line from nnUNetv2_train, not a traceback
-            raise fail(f"{type(self).__name__}: {e.args[0]}") from None
+        self.enable_deep_supervision = get_method(self.peft_method).deep_supervision
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
@@ -117,12 +120,12 @@ class FSEFTTrainer(nnUNetTrainer):
 
         load_pretrained_weights.original = original
         run_training.load_pretrained_weights = load_pretrained_weights
-        # --c never sees -pretrained_weights: a stem that trained because of its channel mapping trains on
-        # (nnU-Net pops plans["continue_training"] in __init__; its logger keeps it as `resume`)
-        if getattr(self.logger, "resume", False) and self._foundation_file().is_file():
-            if self._foundation_record().get("stem_trains"):
-                train_input_projection(self.plain_network())
-                self.optimizer, self.lr_scheduler = self.configure_optimizers()
+
+    def _stem_trained_before(self) -> bool:
+        """--c of a run whose stem trained because its input channels were mapped: --c never sees
+        -pretrained_weights, so foundation.json says so (nnU-Net pops plans["continue_training"] in __init__; its
+        logger keeps it as `resume`)."""
+        return bool(getattr(self.logger, "resume", False) and (self._foundation_record() or {}).get("stem_trains"))
 
     def _refuse_untrained_decoder(self, foundation) -> None:
         method = get_method(self.peft_method)
@@ -224,6 +227,10 @@ class FSEFTTrainer(nnUNetTrainer):
             remove_sidecars(self.output_folder)
 
     def configure_optimizers(self):
+        # nnU-Net's initialize() calls this before it wraps the network in DDP: a resumed run's mapped stem turns
+        # trainable here, so that DDP registers it and averages its gradients like every other trained parameter
+        if self._stem_trained_before():
+            train_input_projection(self.plain_network())
         trainable = [(n, p) for n, p in self.plain_network().named_parameters() if p.requires_grad]
         groups = [{"params": [p for n, p in trainable if not is_head_key(n)], "lr": self.initial_lr},
                   {"params": [p for n, p in trainable if is_head_key(n)], "lr": self.head_learning_rate or self.initial_lr}]
