@@ -472,6 +472,21 @@ def test_trainer_turns_loader_errors_into_one_line_exit(tmp_path):
                                  "foundation's fold_X/checkpoint_final.pth with -pretrained_weights")
 
 
+@pytest.mark.parametrize("attrs, message", [
+    ({"peft_method": "lora", "peft_options": {"r": 8}}, r"FSEFTTypo: method 'lora' takes no option\(s\) \['r'\]; it "
+                                                        r"takes \['alpha', .*'rank'.*\]"),
+    ({"peft_method": "lroa"}, r"FSEFTTypo: unknown PEFT method 'lroa'; choose one of: full, .*decoder_lora.*"),
+], ids=["option", "method"])
+def test_a_trainer_declaring_an_unknown_option_or_method_is_refused_when_constructed(attrs, message):
+    """A subclass's typo ends nnUNetv2_train in one line before nnU-Net sets anything up (no plans are read)."""
+    from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
+    typo = type("FSEFTTypo", (FSEFTTrainer,), attrs)
+    with pytest.raises(SystemExit) as e:
+        typo({}, "3d_fullres", 0, {})
+    assert re.fullmatch(ERROR + message, str(e.value.code)), e.value.code
+    assert "\n" not in str(e.value.code)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # nothing lost: sources never written, atomic writes
 # ------------------------------------------------------------------------------------------------------------
