@@ -129,6 +129,7 @@ def predict_and_evaluate(model_folder, target, fold: int = 0, device: str = "cpu
     predictor.initialize_from_trained_model_folder(str(model_folder), use_folds=(fold,))
     predictor.predict_from_files([files[c]["images"] for c in cases], [str(out / c) for c in cases],
                                  num_processes_preprocessing=1, num_processes_segmentation_export=1)
-    return compute_metrics_on_folder2(str(raw / "labelsTr"), str(out), str(model_folder / "dataset.json"),
-                                      str(model_folder / "plans.json"), str(out / "summary.json"),
-                                      num_processes=1, chill=True)
+    # nnU-Net 2.8's compute_metrics_on_folder2 writes summary.json but returns None
+    compute_metrics_on_folder2(str(raw / "labelsTr"), str(out), str(model_folder / "dataset.json"),
+                               str(model_folder / "plans.json"), str(out / "summary.json"), num_processes=1, chill=True)
+    return read_json(out / "summary.json")

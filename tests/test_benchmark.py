@@ -54,6 +54,14 @@ def test_zeroshot_keeps_the_foundation_logit_of_a_shared_class_and_never_predict
     assert "'spleen' <- foundation" in (folder / "fold_0" / "zeroshot.log").read_text()
 
 
+def test_zeroshot_command_prints_the_dice_of_each_class(world, capsys):
+    """nnU-Net's compute_metrics_on_folder2 returns None: the command reads the summary it wrote."""
+    from nnunetv2_fseft.cli import zeroshot as zeroshot_cli
+    zeroshot_cli.main(["-m", str(world["foundation"]), "-d", "932", "--overwrite"])
+    out = capsys.readouterr().out
+    assert "class 1: Dice" in out and "summary.json" in out
+
+
 def test_zeroshot_refuses_a_target_without_a_shared_class(world):
     from nnunetv2_fseft.zeroshot import build_zeroshot_model
     write_phantom_dataset(world["root"] / "raw", 933, "BOther", ["pancreas"], 2, shape=(24, 24, 24), seed=3)
@@ -113,6 +121,8 @@ def test_benchmark_runs_every_cell_through_nnunet_and_resumes(world, tmp_path, c
     ({"k": [0]}, "k must be shot counts >= 1"),
     ({"colour": "red"}, "unknown key 'colour'"),
     ({"foundation": "/nonexistent/A__B__3d_fullres"}, "foundation checkpoint .* does not exist"),
+    ({"methods": ["atlas"]}, "method 'atlas' needs \"unlabelled\""),
+    ({"methods": ["FSEFTLoRATrainer+cotraining"], "unlabelled": "."}, "must be one of registration, self, both"),
 ])
 def test_benchmark_bad_config_gives_one_line(world, tmp_path, capsys, change, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -275,3 +285,26 @@ def test_a_later_seed_gets_new_folds_beside_trained_ones_and_another_query_is_re
         assert (world["root"] / "pre" / name / "splits_final.json").read_text() == splits
     finally:
         shutil.rmtree(trained.parent)
+
+
+def test_atlas_and_pseudo_label_methods_run_as_cells(world, tmp_path):
+    """'atlas' and 'TRAINER+registration' (nnUNetv2_fseft_pseudolabel) sit in the grid beside the other methods,
+    scored on the same query cases by nnU-Net's evaluation."""
+    raw = world["root"] / "raw" / "Dataset932_BTarget"
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for image in sorted((raw / "imagesTr").iterdir())[:2]:  # the scans to segment may be the unlabelled pool
+        shutil.copy(image, unlabelled)
+    config = load_config(_config(world, tmp_path, k=[1], methods=["atlas", "FSEFTLinearProbeTrainer_test+registration"],
+                                 unlabelled=str(unlabelled), pseudo_ids=940, output="pseudo_out"))
+    records = run_benchmark(config, progress=False)["records"]
+    by_method = {r["method"]: r for r in records}
+    assert set(by_method) == {"atlas", "FSEFTLinearProbeTrainer_test+registration"}
+    assert by_method["atlas"]["trainable_parameters"] == 0 and 0 <= by_method["atlas"]["dice"] <= 1
+    assert by_method["atlas"]["dice_per_class"]["spleen"] > 0.3  # registration finds the spleen with no training
+    pseudo = by_method["FSEFTLinearProbeTrainer_test+registration"]
+    assert 0 <= pseudo["dice"] <= 1 and pseudo["adapter_bytes"] > 0
+    fold = pseudo["fold"]
+    dataset = world["root"] / "pre" / "Dataset940_BTargetPseudoRegistration"
+    assert json.loads((dataset / "splits_final.json").read_text())[0]["val"] == \
+        json.loads((world["root"] / "pre" / "Dataset932_BTarget" / "splits_final.json").read_text())[fold]["val"]

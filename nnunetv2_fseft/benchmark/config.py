@@ -10,7 +10,9 @@
 
 Methods: any nnU-Net trainer class name (adapted from the foundation with -pretrained_weights), "scratch"
 (random init; "scratch_trainer" names the trainer, default FSEFTScratchTrainer: stock nnU-Net on the FSEFT
-schedule) and "zeroshot" (no training).
+schedule) and "zeroshot" (no training). With "unlabelled": "FOLDER" (images, nnU-Net naming) also "atlas" and
+"TRAINER+registration", "TRAINER+self", "TRAINER+both" (benchmark/pseudo_cells.py; their datasets take ids from
+"pseudo_ids", default 500).
 Relative paths are relative to the config file.
 """
 import json
@@ -22,7 +24,8 @@ from ..errors import FSEFTError
 
 SCRATCH_TRAINER = "FSEFTScratchTrainer"
 KEYS = {"dataset", "foundation", "foundation_fold", "methods", "k", "seeds", "query", "target_class", "device",
-        "output", "scratch_trainer"}
+        "output", "scratch_trainer", "unlabelled", "pseudo_ids"}
+PSEUDO_IDS = 500  # the first dataset id of the pseudo-labelled datasets (benchmark/pseudo_cells.py)
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,8 @@ class BenchmarkConfig:
     target_class: Optional[str] = None
     device: str = "cpu"
     scratch_trainer: str = SCRATCH_TRAINER
+    unlabelled: Optional[Path] = None
+    pseudo_ids: int = PSEUDO_IDS
 
     @property
     def configuration(self) -> str:
@@ -108,4 +113,6 @@ def load_config(path) -> BenchmarkConfig:
     return BenchmarkConfig(str(data["dataset"]), foundation, list(dict.fromkeys(methods)), sorted(set(ks)),
                            list(seeds), query, output, int(data.get("foundation_fold", 0)),
                            data.get("target_class"), data.get("device", "cpu"),
-                           data.get("scratch_trainer", SCRATCH_TRAINER))
+                           data.get("scratch_trainer", SCRATCH_TRAINER),
+                           resolve(data["unlabelled"]) if data.get("unlabelled") else None,
+                           int(data.get("pseudo_ids", PSEUDO_IDS)))

@@ -12,6 +12,7 @@ from ..trainer_names import plugin_trainers, unknown_name
 from .cells import Cell, collect, count_checkpoint_parameters, model_folder, train_cell, \
     train_losses, zeroshot_cell
 from .config import BenchmarkConfig
+from .pseudo_cells import ATLAS, atlas_cell, needs_unlabelled, pseudo_cell, split_method
 from .report import write_reports
 
 
@@ -19,7 +20,9 @@ def check_methods(config: BenchmarkConfig) -> None:
     """Every method names a trainer nnU-Net will find, before any cell runs; else one line with the valid names."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     plugin = plugin_trainers()
-    trainers = [config.scratch_trainer if m == "scratch" else m for m in config.methods if m != "zeroshot"]
+    needs_unlabelled(config)
+    trainers = [config.scratch_trainer if m == "scratch" else (split_method(m) or (m,))[0]
+                for m in config.methods if m not in ("zeroshot", ATLAS)]
     for method in trainers:
         if method in plugin:
             continue
@@ -27,7 +30,7 @@ def check_methods(config: BenchmarkConfig) -> None:
             with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
                 recursive_find_trainer_class_by_name(method)
         except (Exception, SystemExit):  # nnU-Net's RuntimeError, or trainers/name_check.py's one line
-            message = unknown_name("method/trainer", method, ["zeroshot", "scratch", *plugin],
+            message = unknown_name("method/trainer", method, ["zeroshot", "scratch", ATLAS, *plugin],
                                    also=", or a trainer nnU-Net finds (built in or on nnUNet_extTrainer)")
             raise FSEFTError(message) from None
 
@@ -83,7 +86,7 @@ def _covers(table: dict, config: BenchmarkConfig, query) -> bool:
 
 def plan_cells(config: BenchmarkConfig, table: dict) -> list:
     folds = {(f["k"], f["seed"]): f["fold"] for f in table["folds"]}
-    trainers = {"zeroshot": "", "scratch": config.scratch_trainer}
+    trainers = {"zeroshot": "", ATLAS: "", "scratch": config.scratch_trainer}
     # Seed-major order: an interrupted run leaves every method compared on the same seeds, not some methods done.
     return [Cell(m, k, s, folds[(k, s)], trainers.get(m, m))
             for s in config.seeds for k in config.ks for m in config.methods]
@@ -109,7 +112,8 @@ def run_benchmark(config: BenchmarkConfig, progress: bool = True, on_cell=None) 
         if record_file.is_file():
             records.append(finished_record(config, name, cell, record_file))
             continue
-        records.append(_run_cell(config, name, dataset_json, cell, logs / f"{cell.key}.log", env, cells_dir))
+        records.append(_run_cell(config, name, dataset_json, cell, logs / f"{cell.key}.log", env, cells_dir,
+                                 table["query"]))
         write_json(record_file, records[-1])  # atomic: a kill mid-write must not break resuming
         write_reports(config, name, records)
         if on_cell:
@@ -131,12 +135,12 @@ def finished_cells(config: BenchmarkConfig) -> list:
 def finished_record(config: BenchmarkConfig, name: str, cell: Cell, record_file: Path) -> dict:
     """A finished cell's record; one written before records kept the learning curve gets it from the model."""
     record = read_json(record_file, "delete it to run that cell again")
-    if cell.method != "zeroshot" and "train_losses" not in record:
+    if cell.method not in ("zeroshot", ATLAS) and "+" not in cell.method and "train_losses" not in record:
         record["train_losses"] = train_losses(model_folder(config, name, cell.trainer) / f"fold_{cell.fold}")
     return record
 
 
-def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cells_dir: Path) -> dict:
+def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cells_dir: Path, query: list) -> dict:
     base = {"method": cell.method, "k": cell.k, "seed": cell.seed, "fold": cell.fold}
     if cell.method == "zeroshot":  # one evaluation serves every (K, seed): the query set is shared
         shared = cells_dir / "zeroshot.json"
@@ -146,8 +150,13 @@ def _run_cell(config, name, dataset_json, cell: Cell, log: Path, env: dict, cell
             write_json(shared, {**collect(config, dataset_json, fold_dir), **cost,
                                 "trainable_parameters": 0, "adapter_bytes": 0})
         return {**base, **read_json(shared, "delete it to evaluate the zero-shot cell again")}
-    cost = train_cell(config, name, cell, log, env)
-    fold_dir = model_folder(config, name, cell.trainer) / f"fold_{cell.fold}"
+    if cell.method == ATLAS:
+        return {**base, **atlas_cell(config, name, dataset_json, cell, log, env, query)}
+    if split_method(cell.method):
+        cost, fold_dir = pseudo_cell(config, name, cell, log, env)
+    else:
+        cost = train_cell(config, name, cell, log, env)
+        fold_dir = model_folder(config, name, cell.trainer) / f"fold_{cell.fold}"
     record = {**base, **cost, **collect(config, dataset_json, fold_dir)}
     if record.get("trainable_parameters") is None:  # a stock trainer trains everything
         record["trainable_parameters"] = count_checkpoint_parameters(fold_dir)
