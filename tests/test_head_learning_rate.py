@@ -14,7 +14,7 @@ def _configured(head_lr, method="full", seed=0):
     torch.manual_seed(seed)
     net = apply_peft(tiny_unet(num_classes=2, deep_supervision=method == "full"), method)
     fake = SimpleNamespace(plain_network=lambda: net, initial_lr=1e-4, head_learning_rate=head_lr,
-                           weight_decay=1e-4, num_epochs=20)
+                           weight_decay=1e-4, num_epochs=20, _stem_trained_before=lambda: False)  # not a --c
     optimizer, scheduler = FSEFTTrainer.configure_optimizers(fake)
     return net, optimizer, scheduler
 
