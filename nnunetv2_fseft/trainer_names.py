@@ -4,33 +4,36 @@ plugin's own commands take (benchmark `methods`), and near-miss suggestions (FSE
 nnU-Net's own commands resolve `-tr` themselves; what they print for an unknown name is in docs/hardening.md."""
 import difflib
 import importlib
+import importlib.util
 import os
-import pkgutil
 import re
 from pathlib import Path
 
 from .errors import fail
 
 LIST_HINT = "nnUNetv2_fseft_ext_path --list shows each with its method and learning rate"
+# the library modules that declare the shipped trainers; trainers/ (nnunetv2_fseft_trainers) re-exports them
+TRAINER_MODULES = ("nnunetv2_fseft.training.fseft_trainers", "nnunetv2_fseft.training.fseft_ti_trainers",
+                   "nnunetv2_fseft.training.multitalent")
+TRAINERS_PACKAGE = "nnunetv2_fseft_trainers"
 
 
 def trainers_folder() -> str:
-    """The folder of the plugin's trainers (the installed `nnunetv2_fseft_trainers`): what nnUNet_extTrainer names."""
-    import nnunetv2_fseft_trainers
-    return str(Path(nnunetv2_fseft_trainers.__file__).resolve().parent)
+    """The folder of the plugin's trainers (the installed `nnunetv2_fseft_trainers`): what nnUNet_extTrainer names.
+    Found without importing it (its name_check module imports this one)."""
+    spec = importlib.util.find_spec(TRAINERS_PACKAGE)
+    return str(Path(next(iter(spec.submodule_search_locations))).resolve())
 
 
 def plugin_trainers() -> dict:
-    """{name: class} of every trainer in the folder that nnUNet_extTrainer points at, sorted by name."""
+    """{name: class} of every shipped trainer (what nnUNet_extTrainer's folder re-exports), sorted by name."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    import nnunetv2_fseft_trainers as package
-    from .training.fseft_trainer import FSEFTTrainer
     found = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        for name, obj in vars(module).items():
-            if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj not in (nnUNetTrainer, FSEFTTrainer):
+    for module_name in TRAINER_MODULES:
+        module = importlib.import_module(module_name)
+        for name in getattr(module, "__all__", None) or vars(module):
+            obj = getattr(module, name)
+            if isinstance(obj, type) and issubclass(obj, nnUNetTrainer) and obj.__module__ == module.__name__:
                 found.setdefault(name, obj)
     return dict(sorted(found.items()))
 

@@ -115,7 +115,8 @@ def planned(tmp_path_factory):
         (root / var).mkdir()
         env[var] = str(root / var)
     ext = subprocess.run([str(BIN / "nnUNetv2_fseft_ext_path")], capture_output=True, text=True, check=True)
-    env.update(nnUNet_extTrainer=ext.stdout.strip(), nnUNet_n_proc_DA="0", nnUNet_compile="0", nnUNet_def_n_proc="1")
+    env.update(nnUNet_extTrainer=os.pathsep.join([ext.stdout.strip(), str(Path(__file__).resolve().parent / "ext")]),
+               nnUNet_n_proc_DA="0", nnUNet_compile="0", nnUNet_def_n_proc="1")  # tests/ext: MultiTalentTrainer_tiny
     _assemble(root / "nnUNet_raw")
     write_phantom_dataset(root / "nnUNet_raw", FULL_ID, "Full", list(UNIFIED)[1:], 2, seed=7)  # to predict
     # not with nnUNet_n_proc_DA=0: nnU-Net 2.8.1's planner calls torch.set_num_threads(get_allowed_n_proc_DA())

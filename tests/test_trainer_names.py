@@ -21,6 +21,23 @@ BIN = Path(sys.executable).parent
 ERROR = "nnunetv2_fseft: error: "
 
 
+def test_the_library_lists_and_finds_its_trainers_without_importing_the_trainers_folder():
+    """trainers/ re-exports classes the library declares; the library never imports trainers/ (whose name_check
+    imports the library back), and `--list` shows no test-only trainer."""
+    code = ("import sys\n"
+            "from nnunetv2_fseft.trainer_names import plugin_trainers, trainers_folder\n"
+            "names = plugin_trainers(); folder = trainers_folder()\n"
+            "import nnunetv2_fseft.demo_trainers.fseft_demo_trainers\n"
+            "assert 'nnunetv2_fseft_trainers' not in sys.modules, 'imported'\n"
+            "assert not any(n.endswith('_tiny') for n in names), names\n"
+            "import nnunetv2_fseft_trainers.fseft_trainers as t, nnunetv2_fseft.training.fseft_trainers as lib\n"
+            "assert t.FSEFTLoRATrainer is lib.FSEFTLoRATrainer\n"
+            "print(folder)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert Path(r.stdout.strip()) == Path(__file__).resolve().parents[1] / "trainers"
+
+
 def test_list_prints_every_trainer_with_method_learning_rate_and_optimizer(capsys):
     ext_path.main(["--list"])
     rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()}

@@ -1,8 +1,6 @@
 """Stock nnU-Net schedules used by the benchmarks (found via nnUNet_extTrainer)."""
-import torch
-
+from nnunetv2_fseft.training.fseft_trainers import FSEFTScratchTrainer
 from nnunetv2_fseft.training.multitalent import MultiTalentTrainer
-from nnunetv2_fseft_trainers.fseft_trainers import FSEFTScratchTrainer
 
 
 class nnUNetTrainer_20x50(FSEFTScratchTrainer):
@@ -19,15 +17,8 @@ class MultiTalentTrainer_20x50(MultiTalentTrainer):
     """MultiTalent's loss and sampling on the same 1,000-iteration budget and SGD learning rate (1e-2) as
     nnUNetTrainer_20x50, so that partial-label vs naive vs fully-labelled training differ in nothing else
     (MultiTalent's own 1e-3 suits its 1,000 epochs, not 1,000 iterations)."""
-    epochs = 20
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = self.epochs
-        self.num_iterations_per_epoch = 50
-        self.num_val_iterations_per_epoch = 10
-        self.initial_lr = 1e-2
+    epochs, iterations_per_epoch, val_iterations_per_epoch = 20, 50, 10
+    learning_rate = 1e-2
 
 
 class MultiTalentTrainer_40x50(MultiTalentTrainer_20x50):

@@ -2,8 +2,8 @@
   prior  as shipped: a new class's head channel starts at p = 0.01 (bias logit(0.01), weights zero)
   zero   as before: every fresh channel's bias at zero too, so a new class starts tied with background
 <Trainer>_demo_<start>: the demo's trainers, with nnU-Net's final validation (the demo skips it).
-FSEFTDecoderLoRATrainer_paired_<start>: the shipped trainer, one torch thread, Python/NumPy/torch seeded from
-nnUNet_fseft_seed before the network is built (with nnUNet_n_proc_DA=0 the two starts see the same batches); for
+FSEFTDecoderLoRATrainer_paired_<start>: the shipped trainer (which seeds Python/NumPy/torch from nnUNet_fseft_seed
+before the network is built: with nnUNet_n_proc_DA=0 the two starts see the same batches), one torch thread; for
 the hippocampus pair run by hand (benchmarks/results/new_class_start_NOTES.md).
 Imported by nnU-Net under a top-level name: absolute imports only."""
 import sys
@@ -13,7 +13,7 @@ import torch
 from nnunetv2_fseft.demo_trainers import FOLDER
 from nnunetv2_fseft.peft.tree import head_modules
 from nnunetv2_fseft.training.fseft_trainer import FSEFTTrainer
-from nnunetv2_fseft_trainers.fseft_trainers import FSEFTDecoderLoRATrainer
+from nnunetv2_fseft.training.fseft_trainers import FSEFTDecoderLoRATrainer
 
 sys.path.insert(0, FOLDER)  # nnU-Net imports the demo trainers under this same top-level name
 import fseft_demo_trainers  # noqa: E402
@@ -35,13 +35,8 @@ EPOCHS = 3  # x 40 iterations: the demo's adaptation schedule when this was meas
 
 def _define(base_name: str, start: str) -> None:
     base = getattr(fseft_demo_trainers, f"{base_name}_demo")
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = EPOCHS
-
-    attrs = {"__init__": __init__, "epochs": EPOCHS,
-             "perform_actual_validation": FSEFTTrainer.perform_actual_validation, "__module__": __name__}
+    attrs = {"epochs": EPOCHS, "perform_actual_validation": FSEFTTrainer.perform_actual_validation,
+             "__module__": __name__}
     if start == "zero":
         def on_train_start(self):
             base.on_train_start(self)
@@ -55,7 +50,6 @@ def _define_paired(start: str) -> None:
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         FSEFTDecoderLoRATrainer.__init__(self, plans, configuration, fold, dataset_json, device)
         torch.set_num_threads(1)  # nnUNetv2_train -device cpu has just set all cores; two cells run side by side
-        fseft_demo_trainers._seed()  # Python, NumPy and torch from nnUNet_fseft_seed, as the demo trainers do
 
     def on_train_start(self):
         FSEFTDecoderLoRATrainer.on_train_start(self)

@@ -17,7 +17,7 @@ from ..foundations import read_foundation
 from .activation_checkpointing import enable_activation_checkpointing
 from .cache_resume import feature_shape, remove_sidecars, restore_sidecar, save_sidecar
 from .feature_cache import FeatureCache, FeaturePool, LazyBatch, LazyBatches, head_train_step, is_black_box
-from .schedule import apply_schedule
+from .schedule import apply_schedule, seed_from_environment
 from ..peft import METHODS, apply_peft, count_parameters, get_method, resolved_options
 
 ADAPTER_FORMAT = "nnunetv2_fseft.adapter/1"
@@ -94,9 +94,7 @@ class FSEFTTrainer(nnUNetTrainer):
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def initialize(self):
-        seed = os.environ.get("nnUNet_fseft_seed")
-        if seed:  # the benchmark harness pairs methods on one initialisation of new heads and adapters
-            torch.manual_seed(int(seed))
+        seed_from_environment()
         super().initialize()
         trainable, total = count_parameters(self.plain_network())
         self.print_to_log_file(f"FSEFT method '{self.peft_method}' {resolved_options(self.peft_method, self.peft_options)}: "

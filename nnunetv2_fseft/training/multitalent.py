@@ -38,7 +38,7 @@ from nnunetv2_fseft.losses.partial_label import PartialLabelDCBCELoss, annotatio
 from nnunetv2_fseft.names import foreground_label_names, normalize_class_name
 from nnunetv2_fseft.peft.tree import head_modules
 from nnunetv2_fseft.training.optim_step import backward_and_step
-from nnunetv2_fseft.training.schedule import without_mirroring
+from nnunetv2_fseft.training.schedule import apply_schedule, seed_from_environment
 
 # ---------------------------------------------------------------- dataset.json helpers (no torch, no trainer)
 
@@ -156,6 +156,8 @@ def annotated_only_summary(summary: dict, channel_keys: list, channel_names: lis
 
 class MultiTalentTrainer(nnUNetTrainer):
     learning_rate = 1e-3  # MultiTalent v2 (MultiTalent_trainer.py); SGD momentum 0.99 nesterov, poly, as nnU-Net
+    # nnU-Net's schedule; a variant changes these class attributes (training/schedule.py), e.g. tests/ext's
+    epochs, iterations_per_epoch, val_iterations_per_epoch = 1000, 250, 50
     head_prior = NEW_CLASS_PRIOR  # every sigmoid head's starting foreground probability (not nnU-Net's 0.5)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -169,10 +171,14 @@ class MultiTalentTrainer(nnUNetTrainer):
         except FSEFTError as e:
             raise fail(str(e)) from None
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = self.learning_rate
+        apply_schedule(self)
         self.channel_names = channel_names
         self.annotated_by_case = annotated_by_case
         self.source_of_case = source_dataset_by_case(dataset_json)
+
+    def initialize(self):
+        seed_from_environment()
+        super().initialize()
 
     @classmethod
     def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels,
@@ -314,19 +320,3 @@ class MultiTalentTrainer(nnUNetTrainer):
         # nanmean (mean_fg_dice, hence the EMA and checkpoint_best) already skips; only the warning is silenced
         with np.errstate(invalid='ignore', divide='ignore'):
             super().on_validation_epoch_end(val_outputs)
-
-
-class MultiTalentTrainer_tiny(MultiTalentTrainer):
-    """For tests: 200 iterations at nnU-Net's learning rate (1e-2), enough for a tiny network to find every organ of
-    small phantoms; not a schedule to pre-train a real foundation model with. No mirroring (as nnU-Net's
-    nnUNetTrainerNoMirroring): phantom organs are told apart by where they are, which mirroring swaps."""
-    learning_rate = 1e-2
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 20
-        self.num_val_iterations_per_epoch = 1
-
-    configure_rotation_dummyDA_mirroring_and_inital_patch_size = without_mirroring(MultiTalentTrainer)
