@@ -31,7 +31,7 @@ from abdomen_common import (DATA_RECORD, FULL, HERE, KNOWN_B, NOVEL_B, PRESET, Q
                             assembled_folder_name, setup_env)
 
 # pre-training seeded, augmentation in the training process: the same models again after the work folder is lost
-# (not after a resumed interruption); ext/abdomen_trainers.py's Seeded
+# (not after a resumed interruption); every plugin trainer seeds from nnUNet_fseft_seed (training/schedule.py)
 PRETRAIN_ENV = {"nnUNet_fseft_seed": "0", "nnUNet_n_proc_DA": "0"}
 PRETRAIN = {"multitalent": (assembled_folder_name(), "MultiTalentTrainer_abd"),
             "naive": (assembled_folder_name(), "nnUNetTrainer_abd"),
