@@ -78,7 +78,7 @@ def test_benchmark_methods_unknown_name_is_one_line_with_the_valid_names(monkeyp
         check_methods(_config("zeroshot", "FSEFTLoraTrainer"))
     message = str(e.value)
     assert message.startswith("unknown method/trainer 'FSEFTLoraTrainer'; did you mean FSEFTLoRATrainer? valid: "
-                              "zeroshot, scratch, FSEFTAdaptFormerTITrainer, ")
+                              "zeroshot, scratch, atlas, FSEFTAdaptFormerTITrainer, ")
     assert message.endswith(", or a trainer nnU-Net finds (built in or on nnUNet_extTrainer) "
                             "(nnUNetv2_fseft_ext_path --list shows each with its method and learning rate)")
     assert all(name in message for name in plugin_trainers()) and "\n" not in message
