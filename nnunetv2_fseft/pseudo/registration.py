@@ -16,12 +16,30 @@ class RegistrationFailed(Exception):
     """SimpleITK could not register one pair (no overlap, flat image, ...): the caller skips that case."""
 
 
+FINEST_LEVEL_VOXELS = 2e6  # a CT volume is registered on a grid shrunk to about this many voxels (time, memory)
+
+
+def _nonnegative(image: sitk.Image) -> sitk.Image:
+    """Moments treat intensity as mass: CT's air at -1000 HU would be negative mass, so shift the minimum to 0."""
+    return image - float(sitk.GetArrayViewFromImage(image).min())
+
+
+def shrink_factors(image: sitk.Image) -> list:
+    """[2, 1] for small images (the hippocampus); larger images start from a proportionally coarser grid."""
+    n = 1
+    for size in image.GetSize():
+        n *= size
+    base = max(1, int(np.ceil((n / FINEST_LEVEL_VOXELS) ** (1 / image.GetDimension()))))
+    return [2 * base, base]
+
+
 def register_affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
     """The affine transform mapping `fixed` points into `moving` (SimpleITK's convention for resampling)."""
     fixed = sitk.Cast(fixed, sitk.sitkFloat32)
     moving = sitk.Cast(moving, sitk.sitkFloat32)
     try:
-        initial = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(fixed.GetDimension()),
+        initial = sitk.CenteredTransformInitializer(_nonnegative(fixed), _nonnegative(moving),
+                                                    sitk.AffineTransform(fixed.GetDimension()),
                                                     sitk.CenteredTransformInitializerFilter.MOMENTS)
         method = sitk.ImageRegistrationMethod()
         method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -31,7 +49,7 @@ def register_affine(fixed: sitk.Image, moving: sitk.Image) -> sitk.Transform:
         method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-4, numberOfIterations=200,
                                                         gradientMagnitudeTolerance=1e-6)
         method.SetOptimizerScalesFromPhysicalShift()
-        method.SetShrinkFactorsPerLevel([2, 1])
+        method.SetShrinkFactorsPerLevel(shrink_factors(fixed))
         method.SetSmoothingSigmasPerLevel([1, 0])
         method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
         method.SetInitialTransform(initial, inPlace=False)
