@@ -68,7 +68,8 @@ def build_world(root: Path) -> dict:
                  pretrained_weights=str(foundation / "fold_0" / "checkpoint_final.pth"))
     world = {"root": root, "foundation": foundation, "models": {"decoder": model_folder(root, TARGET, trainer)}}
     adapters = {"decoder": world["models"]["decoder"]}
-    for method, trainer, seed in (("lora", "FSEFTLoRATrainer", 1), ("linear_probe", "FSEFTLinearProbeTrainer", 2)):
+    for method, trainer, seed in (("lora", "FSEFTLoRATrainer", 1), ("linear_probe", "FSEFTLinearProbeTrainer", 2),
+                                  ("ft_last", "FSEFTFTLastTrainer", 3)):
         adapters[method], world["models"][method] = _adapter_like(world, adapters["decoder"], method, trainer, seed)
     images = root / "serve_images"
     images.mkdir()
@@ -145,21 +146,25 @@ def test_each_adapter_equals_its_own_nnunet_predict(world, capsys):
         assert (out / name / "plans.json").is_file()
 
 
-def test_shared_encoder_gives_the_same_outputs(world):
+def test_shared_encoder_and_trunk_give_the_same_outputs(world):
     adapters = world["adapters"]
-    specs = [f"lora={adapters['lora']}", f"decoder={adapters['decoder']}", f"probe={adapters['linear_probe']}"]
+    specs = [f"lora={adapters['lora']}", f"decoder={adapters['decoder']}", f"probe={adapters['linear_probe']}",
+             str(adapters["ft_last"])]
     shared = MultiAdapterPredictor.from_paths(world["foundation"], specs, use_mirroring=False)
     separate = MultiAdapterPredictor.from_paths(world["foundation"], specs, use_mirroring=False, shared_encoder=False)
-    assert [p.shared for p in shared.passes] == [["decoder", "probe"]]  # LoRA changes the encoder: it runs whole
-    assert [p.shared for p in separate.passes] == [[]]
-    assert shared.tensors_shared > 0
     stacked = shared.passes[0].predictor.fold_networks[0]
+    stages = len(stacked.adapters[2].decoder.stages)
+    # LoRA changes the encoder: it runs whole; the decoder adapter shares the encoder, FT-last the encoder and all
+    # decoder stages but its last, the probe the whole trunk (its head only runs on its own)
+    assert shared.passes[0].depths == {"lora": None, "decoder": 0, "probe": stages, "ft_last": stages - 1}
+    assert set(separate.passes[0].depths.values()) == {None}
+    assert shared.tensors_shared > 0
     assert stacked.adapters[1].encoder is not stacked.adapters[2].encoder  # one module per adapter ...
     assert all(p is q for p, q in zip(stacked.adapters[1].encoder.parameters(),  # ... on the same tensors
                                       stacked.adapters[2].encoder.parameters()))
     data, _ = shared.preprocess(str(world["images"] / f"{CASES[0]}_0000.nii.gz"))
     a, b = shared.predict_logits(data), separate.predict_logits(data)
-    for name in ("lora", "decoder", "probe"):
+    for name in ("lora", "decoder", "probe", "ft_last"):
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-3, rtol=0), name
         assert torch.equal(a[name].argmax(0), b[name].argmax(0)), name
 

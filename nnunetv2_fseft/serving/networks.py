@@ -65,29 +65,80 @@ def untouched_encoders(networks: list, trained_keys: list) -> list:
     """Per network: True when its encoder is the foundation's, untouched: no adapter tensor in it (no LoRA, no
     trained bias or stem) and the very same parameter objects as the first such network's encoder."""
     untouched = [not any(k.startswith("encoder.") for k in keys) for keys in trained_keys]
-    if not any(untouched):
-        return untouched
-    reference = list(networks[untouched.index(True)].encoder.named_parameters())
-    for i, network in enumerate(networks):
-        params = list(network.encoder.named_parameters())
-        if untouched[i] and (len(params) != len(reference) or
-                             any(n != m or p is not q for (n, p), (m, q) in zip(params, reference))):
-            untouched[i] = False
+    if any(untouched):
+        reference = networks[untouched.index(True)].encoder
+        untouched = [u and _same_tensors(n.encoder, reference) for u, n in zip(untouched, networks)]
     return untouched
 
 
-class StackedNetwork(nn.Module):
-    """forward(x): the adapters' logits side by side along the channel axis. The encoder of the adapters marked in
-    `shared` (untouched encoders, all the same tensors) runs once, and each of them runs only its decoder (stages
-    and heads) on those skips; the other adapters run whole."""
+def _same_tensors(module: nn.Module, reference: nn.Module) -> bool:
+    params, ref = list(module.named_parameters()), list(reference.named_parameters())
+    return len(params) == len(ref) and all(n == m and p is q for (n, p), (m, q) in zip(params, ref))
 
-    def __init__(self, networks: list, shared: list):
+
+def _stage_modules(decoder: nn.Module, s: int) -> nn.ModuleList:
+    return nn.ModuleList([decoder.transpconvs[s], decoder.stages[s]])
+
+
+def trunk_depths(networks: list, trained_keys: list) -> list:
+    """Per network: None when it runs whole (its encoder is changed), else k: it shares the foundation's encoder and
+    its first k decoder stages (tensor for tensor) with the others that share them, and runs only its stages from
+    k on and its head. k = 0 for the decoder method, the number of stages - 1 for FT-last, all of them for the
+    linear probe and the spatial adapter (their heads only). Stages are only split off a stock UNetDecoder."""
+    from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+    depths = [0 if u else None for u in untouched_encoders(networks, trained_keys)]
+    references = {}  # stage -> the first network's modules of that stage that are the foundation's
+    for i, (network, keys) in enumerate(zip(networks, trained_keys)):
+        decoder = network.decoder
+        if depths[i] is None or type(decoder) is not UNetDecoder or decoder.deep_supervision:
+            continue
+        while depths[i] < len(decoder.stages):
+            s = depths[i]
+            prefixes = (f"decoder.transpconvs.{s}.", f"decoder.stages.{s}.")
+            modules = _stage_modules(decoder, s)
+            if any(k.startswith(prefixes) for k in keys) or not _same_tensors(modules,
+                                                                             references.setdefault(s, modules)):
+                break
+            depths[i] += 1
+    return depths
+
+
+def _stage(decoder: nn.Module, s: int, lres: torch.Tensor, skips: list) -> torch.Tensor:
+    """Decoder stage s as dynamic-network-architectures' UNetDecoder.forward runs it."""
+    x = decoder.transpconvs[s](lres)
+    x = torch.cat((x, skips[-(s + 2)]), 1)
+    return decoder.stages[s](x)
+
+
+class StackedNetwork(nn.Module):
+    """forward(x): the adapters' logits side by side along the channel axis. `depths` (trunk_depths): the adapters
+    with a depth share one run of the foundation's encoder and of its first decoder stages, up to each one's depth;
+    from there each runs its own stages and head, as its own decoder's forward would. The others run whole."""
+
+    def __init__(self, networks: list, depths: list):
         super().__init__()
         self.adapters = nn.ModuleList(networks)
-        self.shared = list(shared)
-        self.encoder = networks[self.shared.index(True)].encoder if self.shared.count(True) > 1 else None
+        shared = [d is not None for d in depths]
+        self.depths = list(depths) if shared.count(True) > 1 else [None] * len(depths)
+        self.trunk = networks[shared.index(True)].encoder if shared.count(True) > 1 else None
 
     def forward(self, x):
-        skips = self.encoder(x) if self.encoder is not None else None
-        return torch.cat([network.decoder(skips) if skips is not None and shared else network(x)
-                          for network, shared in zip(self.adapters, self.shared)], 1)
+        if self.trunk is None:
+            return torch.cat([network(x) for network in self.adapters], 1)
+        skips = self.trunk(x)
+        features = [skips[-1]]  # features[s]: the input of decoder stage s, features[-1] of the head
+        for s in range(max(d for d in self.depths if d is not None)):
+            owner = next(n for n, d in zip(self.adapters, self.depths) if d is not None and d > s)
+            features.append(_stage(owner.decoder, s, features[s], skips))
+        outputs = []
+        for network, depth in zip(self.adapters, self.depths):
+            if depth is None:
+                outputs.append(network(x))
+            elif depth == 0:
+                outputs.append(network.decoder(skips))
+            else:
+                lres = features[depth]
+                for s in range(depth, len(network.decoder.stages)):
+                    lres = _stage(network.decoder, s, lres, skips)
+                outputs.append(network.decoder.seg_layers[-1](lres))
+        return torch.cat(outputs, 1)

@@ -20,7 +20,7 @@ from ..files import write_json
 from ..foundations import read_foundation
 from .adapters import read_adapters
 from .combine import combine, combined_dataset_json, label_table
-from .networks import StackedNetwork, build_network, share_frozen_tensors, untouched_encoders
+from .networks import StackedNetwork, build_network, share_frozen_tensors, trunk_depths
 
 
 def _nnunet_predictor_class():
@@ -64,9 +64,10 @@ class MultiAdapterPredictor:
     """Built once from a foundation and its adapters; `predict(image)` returns each adapter's segmentation.
 
     foundation: a Foundation (foundations.read_foundation); adapters: [Adapter] (serving.read_adapters).
-    shared_encoder: True runs the encoder once per window for all adapters that leave it untouched (decoder,
-    FT-last, linear probe, spatial adapter: only their decoders and heads run per adapter); False runs every adapter's
-    network whole (the reference the shared path is tested against)."""
+    shared_encoder: True runs the foundation's encoder once per window for all adapters that leave it untouched
+    (decoder, FT-last, linear probe, spatial adapter), and the foundation's decoder stages that several of them leave
+    untouched once too: only their own decoder stages and heads run per adapter (networks.trunk_depths). False runs
+    every adapter's network whole (the reference the shared path is tested against)."""
 
     def __init__(self, foundation, adapters: list, device: torch.device = torch.device("cpu"),
                  use_mirroring: bool = True, tile_step_size: float = 0.5, shared_encoder: bool = True,
@@ -83,18 +84,20 @@ class MultiAdapterPredictor:
         self.passes = []
         for axes, members in groups.items():
             folds = range(len(members[0].folds))
-            shared = [all(flags) for flags in zip(*[
-                untouched_encoders([networks[a.name][f] for a in members], [trained[a.name][f] for a in members])
-                for f in folds])] if shared_encoder else [False] * len(members)
-            stacked = [StackedNetwork([networks[a.name][f] for a in members], shared).to(device) for f in folds]
+            depths = [trunk_depths([networks[a.name][f] for a in members], [trained[a.name][f] for a in members])
+                      for f in folds]
+            depths = [None if None in d or not shared_encoder else min(d) for d in zip(*depths)]
+            stacked = [StackedNetwork([networks[a.name][f] for a in members], depths).to(device) for f in folds]
             channels = [self.managers[a.name][2].num_segmentation_heads for a in members]
             predictor = _nnunet_predictor_class()(
                 stacked, sum(channels), self.managers[members[0].name], members[0].dataset_json, axes,
                 tile_step_size=tile_step_size, use_gaussian=True, use_mirroring=use_mirroring,
                 perform_everything_on_device=device.type == "cuda", device=device, verbose=verbose,
                 allow_tqdm=allow_tqdm)
+            depths = stacked[0].depths
             self.passes.append(SimpleNamespace(adapters=members, channels=channels, predictor=predictor,
-                                               shared=[a.name for a, s in zip(members, shared) if s]))
+                                               shared=[a.name for a, d in zip(members, depths) if d is not None],
+                                               depths={a.name: d for a, d in zip(members, depths)}))
         self.plans_manager, self.configuration_manager, _ = self.managers[adapters[0].name]
         self.dataset_json = adapters[0].dataset_json
         self.verbose = verbose
@@ -111,10 +114,14 @@ class MultiAdapterPredictor:
 
     def describe(self) -> list:
         """One line per pass, for logs."""
-        return [f"pass {i + 1}: {', '.join(f'{a.name} ({a.method})' for a in p.adapters)}; mirroring "
-                f"{p.predictor.allowed_mirroring_axes if p.predictor.use_mirroring else 'off'}; encoder "
-                f"{'once per window for ' + ', '.join(p.shared) if len(p.shared) > 1 else 'per adapter'}; "
-                f"{len(p.adapters[0].folds)} fold(s)" for i, p in enumerate(self.passes)]
+        lines = []
+        for i, p in enumerate(self.passes):
+            runs = ", ".join(f"{a.name} ({a.method}: " + ("whole" if p.depths[a.name] is None else
+                                                          f"shared encoder + {p.depths[a.name]} decoder stage(s)") + ")"
+                             for a in p.adapters)
+            mirroring = p.predictor.allowed_mirroring_axes if p.predictor.use_mirroring else "off"
+            lines.append(f"pass {i + 1}: {runs}; mirroring {mirroring}; {len(p.adapters[0].folds)} fold(s)")
+        return lines
 
     # ------------------------------------------------------------------------------------------------ one image
     def preprocess(self, image, properties: dict = None) -> tuple:
