@@ -1,10 +1,11 @@
 """Issue 59: several adapters on one foundation in one pass (nnUNetv2_fseft_predict, serving.MultiAdapterPredictor).
 
-One tiny foundation, one phantom target, three adapters of different methods: a decoder adapter trained by its
-FSEFT trainer (a trained model folder), and a LoRA (changes the encoder) and a linear-probe adapter written as
-nnUNetv2_fseft_export writes adapter folders, with random tensors instead of a training run (a few seconds instead
-of a training each, and outputs far from the foundation's); their nnUNetv2_predict reference is the model folder
-that nnUNetv2_fseft_export --apply rebuilds (tests/test_fseft_e2e.py checks that against trained ones)."""
+One tiny foundation, one phantom target, four adapters of different methods: a decoder adapter trained by its
+FSEFT trainer (a trained model folder), and a LoRA (changes the encoder), a linear-probe and an FT-last adapter
+written as nnUNetv2_fseft_export writes adapter folders, with random tensors instead of a training run (a few
+seconds instead of a training each, and outputs far from the foundation's); their nnUNetv2_predict reference is the
+model folder that nnUNetv2_fseft_export --apply rebuilds (tests/test_fseft_e2e.py checks that against trained
+ones)."""
 import json
 import shutil
 import subprocess
