@@ -16,7 +16,7 @@ rows), written as nnUNetv2_fseft_export writes adapter folders, with random tens
 with the model folder that nnUNetv2_fseft_export --apply rebuilds, through nnUNetv2_predict -d -tr.
 
 Every command runs in one process (-npp 0 -nps 0, nnU-Net's sequential mode: on 2 cores worker processes only add
-their start-up) with nnU-Net's default thread count; its peak RSS is the process's (os.wait4). Both sides run
+their start-up) with nnU-Net's default thread count; its peak RSS is the process's (/usr/bin/time). Both sides run
 without mirroring (--disable_tta, as CPU users run nnU-Net: MIC-DKFZ/nnUNet #1434), the A B A B rows on every
 case; with mirroring (8 network passes per window, which then dominate) one more pair runs on the first
 --tta_cases cases, once, to keep the whole run within about 15 minutes on 2 cores.
@@ -162,17 +162,20 @@ def phantom_setup(work: Path, n_cases: int) -> dict:
 
 # ----------------------------------------------------------------------------------------------------- timing
 def timed(cmd: list, log: Path, env: dict) -> dict:
-    """Wall seconds, CPU seconds and peak RSS (MiB) of one command, its own process only (os.wait4)."""
+    """Wall seconds, CPU seconds and peak RSS (MiB) of one command, by /usr/bin/time: the command is its child, so
+    its peak is its own (a child of this process would inherit this process's peak through fork and exec)."""
+    usage = log.parent / "time.txt"
     t = time.time()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(map(str, cmd))}\n")
         f.flush()
-        process = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode:
-        sys.exit(f"failed ({process.returncode}): {' '.join(map(str, cmd))} (see {log})")
-    return {"wall_s": time.time() - t, "cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss_mib": usage.ru_maxrss / 1024}
+        r = subprocess.run(["/usr/bin/time", "-f", "%U %S %M", "-o", str(usage)] + [str(c) for c in cmd],
+                           stdout=f, stderr=subprocess.STDOUT, env=env)
+    wall = time.time() - t
+    if r.returncode:
+        sys.exit(f"failed ({r.returncode}): {' '.join(map(str, cmd))} (see {log})")
+    user, system, peak_kib = usage.read_text().split()[-3:]
+    return {"wall_s": wall, "cpu_s": float(user) + float(system), "peak_rss_mib": int(peak_kib) / 1024}
 
 
 COMMON = ["-device", "cpu", "-npp", "0", "-nps", "0", "--disable_progress_bar"]
