@@ -40,7 +40,8 @@ def _trainer(net, scaler=None):
     loss = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {}, weight_ce=1,
                           weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss)
     t = SimpleNamespace(network=net, plain_network=lambda: net, loss=loss, grad_scaler=scaler, is_ddp=False,
-                        initial_lr=1e-3, head_learning_rate=1e-2, weight_decay=1e-4, num_epochs=10)
+                        initial_lr=1e-3, head_learning_rate=1e-2, weight_decay=1e-4, num_epochs=10,
+                        _stem_trained_before=lambda: False)  # not a --c
     t.optimizer, _ = FSEFTTrainer.configure_optimizers(t)
     return t
 
