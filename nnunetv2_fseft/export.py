@@ -20,7 +20,7 @@ MODEL_FILES = ("plans.json", "dataset.json", "dataset_fingerprint.json")
 STOCK_TRAINER = "nnUNetTrainer"
 
 
-def _model_json(folder: Path, name: str) -> dict:
+def model_json(folder: Path, name: str) -> dict:
     path = folder / name
     if not path.is_file():
         raise FSEFTError(f"{folder} is not an nnU-Net model folder (no {name}); pass "
@@ -28,14 +28,14 @@ def _model_json(folder: Path, name: str) -> dict:
     return read_model_json(path)
 
 
-def _folds(folder: Path, required: str) -> list:
+def trained_folds(folder: Path, required: str) -> list:
     folds = sorted(p for p in folder.glob("fold_*") if (p / required).is_file())
     if not folds:
         raise FSEFTError(f"{folder} has no fold_X/{required}; train first (nnUNetv2_train ... -tr FSEFT...Trainer)")
     return folds
 
 
-class _OutputFolder:
+class OutputFolder:
     """Build the output in a hidden sibling folder and move it into place only when complete."""
 
     def __init__(self, out, overwrite: bool):
@@ -65,7 +65,7 @@ def _copy_model_files(src: Path, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-def _check_config(config, source) -> dict:
+def check_config(config, source) -> dict:
     missing = [k for k in ("method", "options", "configuration", "trainer_name")
                if not isinstance(config, dict) or k not in config]
     if missing:
@@ -74,8 +74,8 @@ def _check_config(config, source) -> dict:
     return config
 
 
-def _rebuild(plans: dict, dataset_json: dict, config: dict, source) -> torch.nn.Module:
-    _check_config(config, source)
+def rebuild(plans: dict, dataset_json: dict, config: dict, source) -> torch.nn.Module:
+    check_config(config, source)
     if config.get("method") not in METHODS:
         raise FSEFTError(f"{source}: adapter.json names unknown method {config.get('method')!r}; "
                          f"known: {', '.join(METHODS)}")
@@ -97,9 +97,9 @@ def _merge_or_explain(network, config: dict) -> None:
 def export_model(model_folder, out_folder, merge: bool, overwrite: bool = False) -> Path:
     """Merged stock model folder (merge=True) or adapter-only folder (merge=False) from a trained one."""
     model_folder = Path(model_folder)
-    plans, dataset_json = _model_json(model_folder, "plans.json"), _model_json(model_folder, "dataset.json")
-    folds = _folds(model_folder, "adapter.json")
-    with _OutputFolder(out_folder, overwrite) as out:
+    plans, dataset_json = model_json(model_folder, "plans.json"), model_json(model_folder, "dataset.json")
+    folds = trained_folds(model_folder, "adapter.json")
+    with OutputFolder(out_folder, overwrite) as out:
         _copy_model_files(model_folder, out)
         for fold in folds:
             (out / fold.name).mkdir()
@@ -113,14 +113,14 @@ def export_model(model_folder, out_folder, merge: bool, overwrite: bool = False)
                                  "rebuild with nnUNetv2_fseft_export --apply ADAPTER_FOLDER FOUNDATION_CHECKPOINT "
                                  "OUT_FOLDER --merge")
             checkpoint = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
-            network = _rebuild(plans, dataset_json, config, fold)
+            network = rebuild(plans, dataset_json, config, fold)
             network.load_state_dict(checkpoint["network_weights"])
             _merge_or_explain(network, config)
             _save_model(network, dict(checkpoint, trainer_name=STOCK_TRAINER), out / fold.name / "checkpoint_final.pth")
     return Path(out_folder)
 
 
-def _check_foundation(config: dict, fold: Path, path, weights: str) -> None:
+def check_foundation(config: dict, fold: Path, path, weights: str) -> None:
     """Refuse a foundation with other weights than the adapter's. The weights' digest lets a copy that differs only
     in its log or optimizer state through; adapters recorded before it carry the file's sha256, checked as such."""
     recorded = config.get("foundation") or {}
@@ -136,16 +136,16 @@ def apply_adapter(adapter_folder, foundation_checkpoint, out_folder, merge: bool
     """Foundation (model folder, nnU-Net or nnssl checkpoint) + adapter files -> a full model folder that
     nnUNetv2_predict uses."""
     adapter_folder = Path(adapter_folder)
-    plans, dataset_json = _model_json(adapter_folder, "plans.json"), _model_json(adapter_folder, "dataset.json")
-    folds = _folds(adapter_folder, "adapter.json")
+    plans, dataset_json = model_json(adapter_folder, "plans.json"), model_json(adapter_folder, "dataset.json")
+    folds = trained_folds(adapter_folder, "adapter.json")
     foundation = read_foundation(foundation_checkpoint)  # model folder, nnU-Net or nnssl checkpoint
-    with _OutputFolder(out_folder, overwrite) as out:
+    with OutputFolder(out_folder, overwrite) as out:
         _copy_model_files(adapter_folder, out)
         for fold in folds:
             config, tensors = read_adapter(fold)
-            _check_config(config, fold)
-            _check_foundation(config, fold, foundation.path, foundation.weights_sha256)
-            network = _rebuild(plans, dataset_json, config, fold)
+            check_config(config, fold)
+            check_foundation(config, fold, foundation.path, foundation.weights_sha256)
+            network = rebuild(plans, dataset_json, config, fold)
             apply_foundation(network, foundation, dataset_json)  # also marks a channel-mapped stem as trained
             load_adapter_tensors(network, tensors, fold)
             trainer_name = config["trainer_name"]

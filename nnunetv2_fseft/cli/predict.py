@@ -107,7 +107,7 @@ def main(argv=None):
     if a.combine and a.save_probabilities:
         raise FSEFTError("--save_probabilities writes each adapter's own probabilities; it does not go with "
                          "--combine (run once without --combine for them)")
-    from ..export import _OutputFolder
+    from ..export import OutputFolder
     from ..foundations import read_foundation
     from ..serving.adapters import read_adapters
     from ..serving.combine import parse_prefer
@@ -124,7 +124,7 @@ def main(argv=None):
                                       allow_tqdm=not a.disable_progress_bar, verbose=a.verbose)
     for line in predictor.describe():
         print(line)
-    with _OutputFolder(out, a.overwrite) as tmp:
+    with OutputFolder(out, a.overwrite) as tmp:
         predictor.predict_folder(inputs, tmp, save_probabilities=a.save_probabilities, combine_with=table,
                                  num_processes_preprocessing=a.npp, num_processes_export=a.nps)
     print(f"written: {out} ({len(inputs)} image(s) x {len(adapters)} adapter(s)"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..checkpoints import read_adapter
 from ..errors import FSEFTError
-from ..export import _check_config, _check_foundation, _folds, _model_json
+from ..export import check_config, check_foundation, model_json, trained_folds
 from ..peft import METHODS
 
 FIX_PLANS = ("adapters predicted together must be trained on targets prepared with the foundation's plans and "
@@ -73,7 +73,7 @@ def parse_spec(spec: str) -> tuple:
 
 def _fold_folders(folder: Path, folds) -> list:
     if folds is None:
-        return _folds(folder, "adapter.json")
+        return trained_folds(folder, "adapter.json")
     return [folder / f"fold_{f}" for f in folds]
 
 
@@ -84,15 +84,15 @@ def read_one(spec: str, folds, foundation) -> Adapter:
                          "or a trained FSEFT model folder (nnUNet_results/DatasetX/FSEFT...Trainer__PLANS__CONFIG)")
     if not NAME.match(name):
         raise FSEFTError(f"adapter name {name!r} (from {folder}) is not a plain folder name; name it: NAME={folder}")
-    plans, dataset_json = _model_json(folder, "plans.json"), _model_json(folder, "dataset.json")
+    plans, dataset_json = model_json(folder, "plans.json"), model_json(folder, "dataset.json")
     adapter = Adapter(name, folder, plans, dataset_json, [])
     for fold in _fold_folders(folder, folds):
         config, tensors = read_adapter(fold)
-        _check_config(config, fold)
+        check_config(config, fold)
         if config["method"] not in METHODS:
             raise FSEFTError(f"{fold}: adapter.json names unknown method {config['method']!r}; "
                              f"known: {', '.join(METHODS)}")
-        _check_foundation(config, fold, foundation.path, foundation.weights_sha256)
+        check_foundation(config, fold, foundation.path, foundation.weights_sha256)
         if adapter.configs and config["configuration"] != adapter.configuration:
             raise FSEFTError(f"{fold} was trained as '{config['configuration']}' but {adapter.folds[0]} as "
                              f"'{adapter.configuration}'; pass folds of one configuration with -f")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..checkpoints import apply_foundation, load_adapter_tensors
-from ..export import _rebuild
+from ..export import rebuild
 from ..peft import foundation_key
 
 
@@ -25,7 +25,7 @@ def build_network(adapter, fold: int, foundation) -> nn.Module:
     """The adapter's network for one fold: the foundation with the method injected and the tensors loaded (as
     nnUNetv2_fseft_export --apply builds it)."""
     folder = adapter.folder / adapter.folds[fold]
-    network = _rebuild(adapter.plans, adapter.dataset_json, adapter.configs[fold], folder)
+    network = rebuild(adapter.plans, adapter.dataset_json, adapter.configs[fold], folder)
     apply_foundation(network, foundation, adapter.dataset_json)
     load_adapter_tensors(network, adapter.tensors[fold], folder)
     for p in network.parameters():
