@@ -15,7 +15,7 @@ Methods (each a cell per K and seed):
   both          nnUNetv2_fseft_pseudolabel --labels both -m <the baseline's model> -tr FSEFTDecoderLoRATrainer
 The defaults (margin 1 voxel, confidence 0.9, one round, majority vote) were fixed before any query number was seen.
 
-  python benchmarks/hippocampus_pseudo.py WORKDIR --cells 1:0:baseline 1:0:atlas ... [--report]
+  python benchmarks/hippocampus_pseudo.py WORKDIR --cells 1:0:baseline 1:0:atlas ...   (no --cells: tables only)
 
 Resumable: a finished cell is not run again. Tables: RESULTS/hippocampus_pseudo_cpu.{md,csv}, rewritten after
 every cell.
@@ -142,7 +142,7 @@ COLUMNS = ["k", "seed", "method", "dice", "volume_ratio", "wall_s", "registratio
            "pool", "supports"]
 
 
-def publish(results: Path, rows: list, command: str) -> None:
+def publish(results: Path, rows: list, commands: list) -> None:
     results.mkdir(parents=True, exist_ok=True)
     rows = sorted(rows, key=lambda r: (r["k"], r["seed"], METHODS.index(r["method"])))
     with open(results / f"{STEM}.csv", "w", newline="") as f:
@@ -166,7 +166,8 @@ def publish(results: Path, rows: list, command: str) -> None:
                "that are not supports; each cell: Dice of Anterior on the 50 query cases (mean over cases) and, in "
                "brackets, predicted / true Anterior volume summed over them. Defaults fixed before any query number: "
                "registration affine (moments, Mattes MI, 2 levels), trust margin 1 voxel, model confidence 0.9, 1 round.")
-    body = [f"# Hippocampus, novel class: learning from unlabelled scans", "", *bench_env.provenance(command, details),
+    body = ["# Hippocampus, novel class: learning from unlabelled scans", "",
+            *bench_env.provenance(" ; ".join(commands), details),
             *lines, "", "Per-cell wall time, registration seconds per pair and peak RSS: the .csv.", ""]
     (results / f"{STEM}.md").write_text("\n".join(body))
 
@@ -183,8 +184,12 @@ def main(argv=None):
     foundation = posterior_foundation(work)
     folds = prepare(work, foundation)
     weights = foundation / "fold_0" / "checkpoint_final.pth"
-    store = work / "pseudo_rows.json"
+    store, runs = work / "pseudo_rows.json", work / "pseudo_commands.json"
     rows = json.loads(store.read_text()) if store.is_file() else {}
+    commands = json.loads(runs.read_text()) if runs.is_file() else []
+    if a.cells:  # every run that added cells: the table names them all
+        commands.append(command)
+        runs.write_text(json.dumps(commands, indent=2))
     for spec in a.cells:
         k, seed, method = spec.split(":")
         key = f"{k}:{seed}:{method}"
@@ -198,9 +203,9 @@ def main(argv=None):
             continue
         print(f"  {key}: Dice {rows[key]['dice']:.3f}, volume {rows[key]['volume_ratio']:.2f}x", flush=True)
         store.write_text(json.dumps(rows, indent=2))
-        publish(Path(a.results), list(rows.values()), command)
+        publish(Path(a.results), list(rows.values()), commands)
     if rows:
-        publish(Path(a.results), list(rows.values()), command)
+        publish(Path(a.results), list(rows.values()), commands)
         print((Path(a.results) / f"{STEM}.md").read_text())
 
 
