@@ -92,7 +92,3 @@ def write_split(out_pre: Path, supports: Sequence[str], pseudo_ids: Sequence[str
     split = [{"train": train, "val": list(val_cases)}]
     write_json(out_pre / "splits_final.json", split)
     return {"support_repeats": repeats, "n_train_entries": len(train)}
-
-
-def geometry_of(files: Sequence[Path]) -> Geometry:
-    return Geometry.of_file(files[0])

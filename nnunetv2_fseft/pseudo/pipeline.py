@@ -16,10 +16,10 @@ import SimpleITK as sitk
 
 from ..commands import console_script, plugin_environment
 from ..data.fewshot import resolve_dataset
-from ..data.nnunet_raw import dataset_folder, load_dataset_json, read_image, training_cases
+from ..data.nnunet_raw import Geometry, dataset_folder, load_dataset_json, read_image, training_cases
 from ..errors import FSEFTError
 from ..files import read_json, write_json
-from .dataset import copy_plans, geometry_of, ignore_value, write_raw, write_split
+from .dataset import copy_plans, ignore_value, write_raw, write_split
 from .images import unlabelled_cases
 from .model_labels import CONFIDENCE, confident_labels, predict_probabilities
 from .registration import RegistrationFailed, fuse, propagate
@@ -168,7 +168,7 @@ def build_round(target: Target, images: Dict[str, List[Path]], out_id: int, sour
     for case in cases:
         label, trusted = (combine(labels["registration"][case], labels["model"][case]) if source == "both"
                           else labels[source][case])
-        pseudo[case] = (images[case], label, trusted, geometry_of(images[case]))
+        pseudo[case] = (images[case], label, trusted, Geometry.of_file(images[case][0]))
     name = request.name or f"{target.name[11:]}Pseudo"
     description = (f"{target.name} fold {target.fold}: {len(target.supports)} supports + {len(pseudo)} scans "
                    f"pseudo-labelled by {source} (ignore label where untrusted)")
