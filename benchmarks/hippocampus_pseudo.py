@@ -111,9 +111,11 @@ def run_cell(work: Path, folds: dict, weights: Path, k: int, seed: int, method: 
     out = {"k": k, "seed": seed, "method": method, "supports": " ".join(supports)}
     if method == "baseline":
         folder = baseline_folder(work, fold)
+        train = [bin_cmd("nnUNetv2_train"), str(TARGET_ID), "3d_fullres", str(fold), "-tr", TRAINER, "-device", "cpu"]
         if not (folder / "checkpoint_final.pth").is_file():
-            out.update(timed([bin_cmd("nnUNetv2_train"), str(TARGET_ID), "3d_fullres", str(fold), "-tr", TRAINER,
-                              "-pretrained_weights", str(weights), "-device", "cpu"], log, env))
+            out.update(timed(train + ["-pretrained_weights", str(weights)], log, env))
+        elif not (folder / "validation" / "summary.json").is_file():  # trained, stopped during validation
+            out.update(timed(train + ["--val"], log, env))
         return {**out, **score(folder / "validation")}
     if method == "atlas":
         dest = work / "atlas" / f"k{k}_s{seed}"
@@ -139,7 +141,7 @@ def run_cell(work: Path, folds: dict, weights: Path, k: int, seed: int, method: 
 
 
 COLUMNS = ["k", "seed", "method", "dice", "volume_ratio", "wall_s", "registration_s_per_pair", "peak_rss_mb_so_far",
-           "pool", "supports"]
+           "pool", "supports", "note"]
 
 
 def publish(results: Path, rows: list, commands: list) -> None:
@@ -161,6 +163,11 @@ def publish(results: Path, rows: list, commands: list) -> None:
                 r = cells.get((k, seed, m))
                 row.append("not run" if r is None else f"{r['dice']:.3f} ({r['volume_ratio']:.2f}x)")
             lines.append(f"| {k} | {seed} | {supports if k == 1 else f'{k} cases'} | " + " | ".join(row) + " |")
+        runs = {m: [cells[(k, s, m)] for s in SEEDS if (k, s, m) in cells] for m in METHODS}
+        if all(len(v) in (0, len(SEEDS)) for v in runs.values()) and any(runs.values()):  # every seed or none
+            row = [f"{sum(r['dice'] for r in v) / len(v):.3f} ({sum(r['volume_ratio'] for r in v) / len(v):.2f}x)"
+                   if v else "not run" for v in runs.values()]
+            lines.append(f"| {k} | mean | seeds {SEEDS[0]}-{SEEDS[-1]} | " + " | ".join(row) + " |")
     details = ("protocol: novel class (Posterior-only foundation adapted to Anterior), FSEFTDecoderLoRATrainer, 1,000 "
                "iterations, supports from the few-shot splits of the non-query cases, unlabelled pool = split-A images "
                "that are not supports; each cell: Dice of Anterior on the 50 query cases (mean over cases) and, in "
@@ -168,7 +175,8 @@ def publish(results: Path, rows: list, commands: list) -> None:
                "registration affine (moments, Mattes MI, 2 levels), trust margin 1 voxel, model confidence 0.9, 1 round.")
     body = ["# Hippocampus, novel class: learning from unlabelled scans", "",
             *bench_env.provenance(" ; ".join(commands), details),
-            *lines, "", "Per-cell wall time, registration seconds per pair and peak RSS: the .csv.", ""]
+            *lines, "", "Per-cell wall time, registration seconds per pair and peak RSS: the .csv (a self or both cell's wall time "
+            "excludes the supports-only model it starts from, the baseline cell's).", ""]
     (results / f"{STEM}.md").write_text("\n".join(body))
 
 
